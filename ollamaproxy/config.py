@@ -21,7 +21,7 @@ from twisted.internet.endpoints import serverFromString
 from twisted.internet.testing import MemoryReactor
 
 from .auth import parse_key
-from .proxy import Upstream
+from .upstream import Upstream
 
 MiB = 1024 * 1024
 

@@ -19,7 +19,8 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
 from .csvlog import CsvLog
-from .proxy import Forwarder, Upstream
+from .proxy import Forwarder
+from .upstream import Upstream
 
 
 @dataclass(frozen=True)

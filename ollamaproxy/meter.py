@@ -25,6 +25,9 @@ from .record import ERROR_MESSAGE_LIMIT, RequestRecord
 # bytes are forwarded regardless, only their metrics are given up.
 RECORD_LIMIT = 16 * 1024 * 1024
 
+# JSON replies up to this size, with a Content-Length, are parsed whole.
+SMALL_DOCUMENT = 64 * 1024
+
 _NATIVE_METRICS = (
     "error",
     "done",
@@ -59,15 +62,24 @@ class Meter:
 
 
 def meter_for(
-    record: RequestRecord, path: bytes, status: int, content_type: bytes, strip_usage: bool
+    record: RequestRecord,
+    path: bytes,
+    status: int,
+    content_type: bytes,
+    strip_usage: bool,
+    length: int | None = None,
 ) -> Meter:
+    """
+    The meter for a response to C{path} with this status, content type and
+    length (L{None} when not announced).
+    """
     kind = content_type.split(b";", 1)[0].strip().lower()
     if kind == b"application/x-ndjson":
         return NdjsonMeter(record)
     if kind == b"text/event-stream":
         return SseMeter(record, path, strip_usage)
     if kind == b"application/json":
-        return JsonMeter(record)
+        return JsonMeter(record, length)
     if status >= 400:
         return ErrorTextMeter(record)
     return Meter()
@@ -191,19 +203,31 @@ class JsonMeter(Meter):
     dumps, long completions).
     """
 
-    def __init__(self, record: RequestRecord) -> None:
+    def __init__(self, record: RequestRecord, length: int | None) -> None:
         self._record = record
-        self._fields = TopLevelFields(_JSON_FIELDS)
+        # A small document with a known length is cheaper to parse whole.
+        self._pieces: list[bytes] | None = None
+        self._fields: TopLevelFields | None = None
+        if length is not None and length <= SMALL_DOCUMENT:
+            self._pieces = []
+        else:
+            self._fields = TopLevelFields(_JSON_FIELDS)
 
     def feed(self, data: bytes) -> bytes:
-        if not self._fields.failed:
+        if self._pieces is not None:
+            self._pieces.append(data)
+        elif self._fields is not None and not self._fields.failed:
             self._fields.feed(data)
         return data
 
     def end(self) -> bytes:
-        self._fields.close()
-        if self._fields.complete:
-            fields = self._fields.fields
+        if self._pieces is not None:
+            fields = parse_object(b"".join(self._pieces))
+        else:
+            assert self._fields is not None
+            self._fields.close()
+            fields = self._fields.fields if self._fields.complete else None
+        if fields is not None:
             apply_native(self._record, fields)
             apply_usage(self._record, fields.get("usage"))
             apply_error(self._record, fields.get("error"))

@@ -68,6 +68,7 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = registry = CollectorRegistry(auto_describe=True)
         self._models: set[str] = set()
+        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
         self.requests = Counter(
             "ollamaproxy_requests",
             "Requests by endpoint, model and HTTP status",
@@ -129,24 +130,36 @@ class Metrics:
 
     def request_finished(self, record: RequestRecord) -> None:
         model = self.model_label(record.model)
-        status = str(record.http_status) if record.http_status is not None else ""
-        self.requests.labels(endpoint_label(record.endpoint), model, status).inc()
+        status = "" if record.http_status is None else str(record.http_status)
+        self._child(self.requests, endpoint_label(record.endpoint), model, status).inc()
         for kind, count in (("input", record.input_tokens), ("output", record.output_tokens)):
             if count is not None:
-                self.tokens.labels(model, kind).inc(count)
-                self.token_usage.labels(model, kind).observe(count)
+                self._child(self.tokens, model, kind).inc(count)
+                self._child(self.token_usage, model, kind).observe(count)
         if record.ended is not None:
-            self.duration.labels(model).observe(record.ended - record.arrived)
+            self._child(self.duration, model).observe(record.ended - record.arrived)
         if record.first_byte is not None:
-            self.ttft.labels(model).observe(record.first_byte - record.arrived)
+            self._child(self.ttft, model).observe(record.first_byte - record.arrived)
         if record.sent_upstream is not None:
             self.queue_wait.observe(record.sent_upstream - record.arrived)
-        rate = record.tokens_per_second
-        if rate is not None and record.output_tokens and record.ollama_eval_ns:
-            self.tokens_per_second.labels(model).observe(rate)
-            self.time_per_token.labels(model).observe(
+        if record.output_tokens and record.ollama_eval_ns:
+            self._child(self.tokens_per_second, model).observe(
+                record.output_tokens / record.ollama_eval_ns * 1e9
+            )
+            self._child(self.time_per_token, model).observe(
                 record.ollama_eval_ns / 1e9 / record.output_tokens
             )
+
+    def _child(self, metric: Any, *labels: str) -> Any:
+        """
+        C{metric.labels(*labels)}, remembered: the lookup takes a lock and
+        builds a key each time, and these few children are used per request.
+        """
+        key = (id(metric), labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child
 
     def watch(self, forwarder: Any, csv_log: Any, sampler: Any, probe: Any) -> None:
         """

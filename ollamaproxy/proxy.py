@@ -56,6 +56,7 @@ from .meter import Meter, meter_for
 from .record import RecordSink, RequestRecord
 from .routes import BLOBS_PREFIX, Family, error_body, family
 from .site import BodyTooLarge, StreamingBody
+from .upstream import Upstream
 
 log = Logger()
 
@@ -83,24 +84,6 @@ _NOT_FORWARDED = _HOP_BY_HOP | {
     b"x-forwarded-proto",
 }
 _STREAMING_TYPES = (b"application/x-ndjson", b"text/event-stream")
-
-
-@dataclass(frozen=True)
-class Upstream:
-    """
-    Where requests go: C{origin} (C{b"http://host:port"}) plus an optional
-    path prefix; the client's request target is appended to both.
-    """
-
-    origin: bytes
-    base_path: bytes = b""
-
-    @property
-    def display(self) -> str:
-        return (self.origin + self.base_path).decode("ascii")
-
-    def url_for(self, target: bytes) -> bytes:
-        return self.origin + self.base_path + target
 
 
 @dataclass
@@ -242,7 +225,7 @@ class Exchange:
         self._upstream_body: IPushProducer | None = None
         self._meter: Meter = Meter()
         self._timer: IDelayedCall | None = None
-        self._timed_out = False
+        self._timed_out_waiting = False
         self._aborting = False
         self._done = False
 
@@ -375,14 +358,13 @@ class Exchange:
             pending = Deferred()
             pending.errback()
         self._pending = pending
-        self._timer = forwarder.clock.callLater(forwarder.limits.header_timeout, self._no_headers)
+        self._timer = forwarder.clock.callLater(forwarder.limits.header_timeout, self._timed_out)
         pending.addCallbacks(self._got_response, self._upstream_failed)
 
     # The response's way back.
 
     def _got_response(self, response: IResponse) -> None:
         self._pending = None
-        self._cancel_timer()
         if self._done:
             response.deliverBody(_Discard())
             return
@@ -392,12 +374,12 @@ class Exchange:
         request.setResponseCode(status, response.phrase)
         request.defaultContentType = None
         content_type = (response.headers.getRawHeaders(b"content-type") or [b""])[0]
-        self._meter = meter_for(record, self._path, status, content_type, self._inject_usage)
+        length = response.length if isinstance(response.length, int) else None
+        self._meter = meter_for(record, self._path, status, content_type, self._inject_usage, length)
         _copy_response_headers(response.headers, request.responseHeaders, self._meter.alters_body)
         record.stream_mode = content_type.split(b";", 1)[0].strip().lower() in _STREAMING_TYPES
-        self._timer = self._forwarder.clock.callLater(
-            self._forwarder.limits.idle_timeout, self._upstream_idle
-        )
+        if self._timer is not None:
+            self._timer.reset(self._forwarder.limits.idle_timeout)
         response.deliverBody(_UpstreamBody(self))
 
     def _body_started(self, transport: IPushProducer) -> None:
@@ -457,7 +439,7 @@ class Exchange:
     def _explain(self, failure: Failure) -> tuple[int, str]:
         where = self._forwarder.upstream.display
         limits = self._forwarder.limits
-        if self._timed_out:
+        if self._timed_out_waiting:
             return 504, f"upstream {where} sent no response headers within {limits.header_timeout:g} s"
         if failure.check(TimeoutError, TCPTimedOutError):
             return 504, f"upstream {where} unreachable: connection timed out"
@@ -475,14 +457,16 @@ class Exchange:
 
     # Timeouts.
 
-    def _no_headers(self) -> None:
+    def _timed_out(self) -> None:
+        """
+        The one timer: before the response headers it is the header
+        timeout, after them the idle timeout between body chunks.
+        """
         self._timer = None
-        self._timed_out = True
         if self._pending is not None:
+            self._timed_out_waiting = True
             self._pending.cancel()
-
-    def _upstream_idle(self) -> None:
-        self._timer = None
+            return
         limit = self._forwarder.limits.idle_timeout
         self.record.fail(f"upstream sent nothing for {limit:g} s mid-response; gave up")
         self._aborting = True
@@ -505,7 +489,7 @@ class Exchange:
             return
         if self._timer is None and self._upstream_body is not None:
             self._timer = self._forwarder.clock.callLater(
-                self._forwarder.limits.idle_timeout, self._upstream_idle
+                self._forwarder.limits.idle_timeout, self._timed_out
             )
         if self._upstream_body is not None:
             self._upstream_body.resumeProducing()

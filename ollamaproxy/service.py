@@ -14,7 +14,7 @@ from twisted.internet.defer import Deferred, DeferredList, gatherResults, maybeD
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IListeningPort
 from twisted.logger import Logger
-from twisted.web.client import Agent, HTTPConnectionPool
+from twisted.web.client import HTTPConnectionPool
 from twisted.web.iweb import IAgent
 
 from .auth import ApiKeys, read_keys_file
@@ -28,6 +28,7 @@ from .proxy import Forwarder, Limits
 from .resource import build_root
 from .sampler import HostSampler
 from .site import ProxySite
+from .upstream import upstream_agent
 
 
 class ProxyService(Service):
@@ -55,9 +56,7 @@ class ProxyService(Service):
         # Twisted keeps 2 idle connections per host by default; a proxy
         # wants one per concurrent request, or it reconnects all the time.
         self.pool.maxPersistentPerHost = 256
-        self.agent = agent or Agent(
-            reactor, connectTimeout=settings["connect-timeout"], pool=self.pool
-        )
+        self.agent = agent or upstream_agent(reactor, self.pool, settings["connect-timeout"])
         self.csv_log = CsvLog(
             settings["log-path"],
             clock=reactor,
@@ -197,6 +196,7 @@ class ProxyService(Service):
             if timer.active():
                 timer.cancel()
             self.forwarder.abort_all("proxy shut down before the request finished")
+        await self.site.close_connections()
         await self.pool.closeCachedConnections()
         self.sampler.stopService()
         await maybeDeferred(self.csv_log.stopService)

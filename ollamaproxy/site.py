@@ -19,10 +19,10 @@ release that changes them fails the suite instead of the proxy.
 from __future__ import annotations
 
 from io import BytesIO
-from typing import Callable
+from typing import Any, Callable
 from urllib.parse import parse_qs
 
-from twisted.internet.defer import Deferred, fail
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IConsumer, IDelayedCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -38,6 +38,10 @@ BUFFERED_BODY_LIMIT = 1024 * 1024
 # How much of a streaming body may wait in memory for the upstream to take
 # it before the proxy stops reading from the client.
 _STREAM_HIGH_WATER = 256 * 1024
+
+
+# Seconds closing client connections get at shutdown before they are aborted.
+_CLOSE_PATIENCE = 5.0
 
 
 class BodyTooLarge(Exception):
@@ -302,6 +306,10 @@ class ProxyChannel(HTTPChannel):
     headerTimeout: float = 30.0
     _headerTimer: IDelayedCall | None = None
 
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        self.site.channels.add(self)
+
     def dataReceived(self, data: bytes) -> None:
         super().dataReceived(data)
         if (
@@ -326,6 +334,7 @@ class ProxyChannel(HTTPChannel):
     def connectionLost(self, reason: Failure) -> None:
         self._cancelHeaderTimer()
         super().connectionLost(reason)
+        self.site.channel_closed(self)
 
     def requestDone(self, request: Request) -> None:
         super().requestDone(request)
@@ -369,7 +378,47 @@ class ProxySite(Site):
 
     protocol = ProxyChannel
     requestFactory = ProxyRequest
+    noisy = False
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.channels: set[ProxyChannel] = set()
+        self._when_closed: list[Deferred[None]] = []
+        self._abort_timer: IDelayedCall | None = None
 
     def log(self, request: Request) -> None:
         pass
+
+    def close_connections(self) -> Deferred[None]:
+        """
+        Close every client connection (at shutdown, once no request is left
+        in flight); fires when they are all gone.
+        """
+        for channel in list(self.channels):
+            if channel.transport is not None:
+                channel.transport.loseConnection()
+        if not self.channels:
+            return succeed(None)
+        closed: Deferred[None] = Deferred()
+        self._when_closed.append(closed)
+        # A client that stops reading would hold a closing connection open.
+        if self._abort_timer is None:
+            self._abort_timer = self.reactor.callLater(_CLOSE_PATIENCE, self._abort_remaining)
+        return closed
+
+    def _abort_remaining(self) -> None:
+        self._abort_timer = None
+        for channel in list(self.channels):
+            if channel.transport is not None:
+                channel.transport.abortConnection()
+
+    def channel_closed(self, channel: ProxyChannel) -> None:
+        self.channels.discard(channel)
+        if not self.channels:
+            if self._abort_timer is not None:
+                self._abort_timer.cancel()
+                self._abort_timer = None
+            waiting, self._when_closed = self._when_closed, []
+            for closed in waiting:
+                closed.callback(None)
 
