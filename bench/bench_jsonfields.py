@@ -67,7 +67,7 @@ def images_body() -> bytes:
 def embeddings_body() -> bytes:
     numbers = ",".join(f"{random.uniform(-1, 1):.4f}" for _ in range(1_400_000))
     return (
-        b'{"model":"m","embeddings":[[' + numbers.encode() + b']],'
+        b'{"model":"m","embeddings":[[' + numbers.encode() + b"]],"
         b'"total_duration":123,"prompt_eval_count":8}'
     )
 

@@ -54,22 +54,28 @@ class UpstreamProbe:
         self._timeout = timeout
         self._latest: ProbeResult | None = None
         self._checked_at = float("-inf")
-        self._running: Deferred[ProbeResult] | None = None
+        self._probing = False
+        self._waiters: list[Deferred[ProbeResult]] = []
 
     @property
     def latest(self) -> ProbeResult | None:
         return self._latest
 
     def check(self) -> Deferred[ProbeResult]:
+        """
+        The upstream's state, at most C{ttl} seconds old; callers that ask
+        while a probe is under way share it.
+        """
         if self._latest is not None and self._monotonic() - self._checked_at < self._ttl:
             return succeed(self._latest)
-        if self._running is None:
-            self._running = Deferred.fromCoroutine(self._ask())
         waiter: Deferred[ProbeResult] = Deferred()
-        self._running.addBoth(lambda result: (waiter.callback(result), result)[1])
+        self._waiters.append(waiter)
+        if not self._probing:
+            self._probing = True
+            Deferred.fromCoroutine(self._ask())
         return waiter
 
-    async def _ask(self) -> ProbeResult:
+    async def _ask(self) -> None:
         try:
             response = await self._client.get(
                 self._url, timeout=self._timeout, reactor=self._clock, allow_redirects=False
@@ -84,8 +90,10 @@ class UpstreamProbe:
             result = ProbeResult(False, error=_describe(e))
         self._latest = result
         self._checked_at = self._monotonic()
-        self._running = None
-        return result
+        self._probing = False
+        waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            waiter.callback(result)
 
 
 def _describe(error: Exception) -> str:

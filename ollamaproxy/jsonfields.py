@@ -169,7 +169,8 @@ def _parse_scalar(raw: bytes) -> Any:
 def _name_tables(wanted: tuple[str, ...]) -> tuple[dict[str, str], dict[str, str], int]:
     """
     The wanted names by exact key and by folded key, and the longest key
-    (in bytes, quotes included) that may still match one of them.
+    (in bytes, quotes included) that may still match one of them.  Parsers
+    wanting the same names share these, so they are never changed.
     """
     exact: dict[str, str] = {}
     folded: dict[str, str] = {}
@@ -272,7 +273,9 @@ class TopLevelFields:
                     pos = quote + 1
                     self._end_value(data, pos, scalar=False)
             elif state == _IN_SCALAR:
-                stop = _SCALAR_CHARS.match(data, pos).end()
+                match = _SCALAR_CHARS.match(data, pos)
+                assert match is not None  # the pattern also matches ""
+                stop = match.end()
                 if stop < end:
                     self._end_value(data, stop, scalar=True)
                 pos = stop
@@ -286,7 +289,9 @@ class TopLevelFields:
             else:
                 char = data[pos]
                 if char in _WHITESPACE:
-                    pos = _SKIP_WHITESPACE.match(data, pos).end()
+                    match = _SKIP_WHITESPACE.match(data, pos)
+                    assert match is not None  # the pattern also matches ""
+                    pos = match.end()
                     continue
                 if state == _AFTER_VALUE:
                     if char == _COMMA:
@@ -335,7 +340,9 @@ class TopLevelFields:
                 return match.end()
             match = _SIMPLE_KEY.match(data, pos)
             if match is not None:
-                self._name = self._wanted_name(match.group(1).decode("utf-8", "replace"))
+                self._name = self._wanted_name(
+                    match.group(1).decode("utf-8", "replace")
+                )
                 self._state = _BEFORE_VALUE
                 return match.end()
             self._state = _IN_KEY
@@ -460,7 +467,9 @@ class TopLevelFields:
         quote = data.find(b'"', pos)
         if data.find(b"\\", pos, len(data) if quote < 0 else quote) < 0:
             return quote
-        stop = _STRING_REST.match(data, pos).end()
+        match = _STRING_REST.match(data, pos)
+        assert match is not None  # the pattern also matches ""
+        stop = match.end()
         if stop == len(data):
             return -1
         if data[stop] == _BACKSLASH:
@@ -484,7 +493,9 @@ class TopLevelFields:
                 pos = quote + 1
             # 1 + len(closers) is the depth here, counting the top level.
             if len(closers) < _DENSE_MAX_DEPTH:
-                pos = _DENSE.match(data, pos).end()
+                match = _DENSE.match(data, pos)
+                assert match is not None  # the pattern also matches ""
+                pos = match.end()
             if pos >= end:
                 return end
             char = data[pos]

@@ -15,14 +15,15 @@ never labels.
 
 from __future__ import annotations
 
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector
 from twisted.web.resource import Resource
-from twisted.web.server import Request
+from twisted.internet.defer import Deferred
+from twisted.web.server import NOT_DONE_YET, Request
 
 from .record import RequestRecord
 
@@ -69,6 +70,7 @@ class Metrics:
         self.registry = registry = CollectorRegistry(auto_describe=True)
         self._models: set[str] = set()
         self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
+        self._refresh: Callable[[], Deferred[Any]] | None = None
         self.requests = Counter(
             "ollamaproxy_requests",
             "Requests by endpoint, model and HTTP status",
@@ -163,12 +165,14 @@ class Metrics:
 
     def watch(self, forwarder: Any, csv_log: Any, sampler: Any, probe: Any) -> None:
         """
-        Also report, at each scrape, the live state of these parts.
+        Also report, at each scrape, the live state of these parts; a scrape
+        first refreshes the upstream probe (it is cached for a second).
         """
         self.registry.register(_LiveState(forwarder, csv_log, sampler, probe))
+        self._refresh = probe.check
 
     def resource(self) -> Resource:
-        return MetricsResource(self.registry)
+        return MetricsResource(self.registry, self._refresh)
 
 
 class _LiveState(Collector):
@@ -226,16 +230,33 @@ class MetricsResource(Resource):
 
     isLeaf = True
 
-    def __init__(self, registry: CollectorRegistry) -> None:
+    def __init__(
+        self, registry: CollectorRegistry, refresh: Callable[[], Deferred[Any]] | None = None
+    ) -> None:
         super().__init__()
         self._registry = registry
+        self._refresh = refresh
 
-    def render_GET(self, request: Request) -> bytes:
+    def render_GET(self, request: Request) -> Any:
+        if self._refresh is None:
+            return self._render(request)
+        self._refresh().addBoth(lambda _: self._send(request))
+        return NOT_DONE_YET
+
+    def render_HEAD(self, request: Request) -> Any:
+        return self.render_GET(request)
+
+    def _send(self, request: Request) -> None:
+        if request.finished or request.channel is None:
+            return
+        body = self._render(request)
+        request.setHeader(b"content-length", b"%d" % len(body))
+        request.write(body)
+        request.finish()
+
+    def _render(self, request: Request) -> bytes:
         accept = request.getHeader(b"accept")
         encoder, content_type = choose_encoder(accept.decode("latin-1") if accept else "")
         request.responseHeaders.removeHeader(b"server")
         request.setHeader(b"content-type", content_type.encode("ascii"))
         return encoder(self._registry)
-
-    def render_HEAD(self, request: Request) -> bytes:
-        return self.render_GET(request)

@@ -33,7 +33,7 @@ from twisted.internet.interfaces import IConsumer, IDelayedCall, IPushProducer, 
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.client import ResponseDone, ResponseFailed
+from twisted.web.client import ResponseDone, ResponseFailed, ResponseNeverReceived
 from twisted.web.http import PotentialDataLoss, datetimeToString
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent, IBodyProducer, IResponse
@@ -449,7 +449,8 @@ class Exchange:
             return 502, f"upstream {where} unreachable: host name could not be resolved"
         if failure.check(ConnectError):
             return 502, f"upstream {where} unreachable: {failure.getErrorMessage()}"
-        if failure.check(ResponseFailed):
+        if failure.check(ResponseFailed) and not failure.check(ResponseNeverReceived):
+            # (ResponseNeverReceived is a ResponseFailed: not one byte came back.)
             return 502, f"upstream {where} sent an invalid or incomplete response"
         if isinstance(self._body, StreamingBody) and not self._body.complete:
             return 400, "the request body could not be read"

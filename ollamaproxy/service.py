@@ -84,6 +84,7 @@ class ProxyService(Service):
             host_load=lambda: (self.sampler.cpu, self.sampler.memory),
         )
         self.probe = UpstreamProbe(self.agent, settings["ollama-url"], reactor, time.monotonic)
+        self.metrics.watch(self.forwarder, self.csv_log, self.sampler, self.probe)
         self.root = build_root(
             forwarder=self.forwarder,
             probe=self.probe,
@@ -93,7 +94,6 @@ class ProxyService(Service):
             status_needs_key=not settings["open-status"],
             monotonic=time.monotonic,
         )
-        self.metrics.watch(self.forwarder, self.csv_log, self.sampler, self.probe)
         self.site = ProxySite(self.root, timeout=settings["client-timeout"], reactor=reactor)
         self.draining = False
 

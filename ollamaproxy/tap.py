@@ -79,6 +79,7 @@ class Options(usage.Options):
             self.settings = resolve(self, self._environ, dotenv)
         except ConfigError as e:
             raise usage.UsageError(str(e)) from None
+        self.settings["log-path"] = os.path.abspath(self.settings["log-path"])
         problem = check_log_directory(self.settings["log-path"])
         if problem is not None:
             raise usage.UsageError(f"--log-path {self.settings['log-path']}: {problem}")

@@ -17,6 +17,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.iweb import IResponse
 
 from ollamaproxy.auth import ApiKeys
+from ollamaproxy.csvlog import CsvLog
 from ollamaproxy.gate import Gate
 from ollamaproxy.proxy import Forwarder, Limits
 from ollamaproxy.upstream import Upstream
@@ -58,6 +59,8 @@ class InMemoryProxy:
         gate: Gate | None = None,
         keys: ApiKeys | None = None,
         upstream_agent: Any = None,
+        csv_dir: str | None = None,
+        host_load: tuple[float | None, float | None] = (None, None),
         **fake_options: Any,
     ) -> None:
         self.clock = Clock()
@@ -65,11 +68,18 @@ class InMemoryProxy:
         self.fake = FakeOllama(self.clock, token_delay=token_delay, **fake_options)
         self.upstream = upstream_agent or RequestTraversalAgent(self.fake.resource())
         self.records = Records()
+        sinks: list[Any] = [self.records]
+        self.csv_log: CsvLog | None = None
+        if csv_dir is not None:
+            self.csv_log = CsvLog(csv_dir, clock=self.clock, wall=lambda: WALL)
+            self.csv_log.startService()
+            sinks.append(self.csv_log)
         self.forwarder = Forwarder(
             agent=self.upstream,
             upstream=UPSTREAM,
             clock=self.clock,
-            sinks=[self.records],
+            sinks=sinks,
+            host_load=lambda: host_load,
             gate=gate or Gate(None, 512),
             limits=limits or Limits(),
             keys=keys,
@@ -140,7 +150,10 @@ class LiveProxy:
     of the fake Ollama on another, both on the real reactor.
     """
 
-    def __init__(self, test: Any, token_delay: float = 0.0, args: list[str] | None = None, **fake_options: Any) -> None:
+    def __init__(
+        self, test: Any, token_delay: float = 0.0, args: list[str] | None = None,
+        environ: dict[str, str] | None = None, **fake_options: Any,
+    ) -> None:
         from twisted.web.server import Site
 
         from ollamaproxy.service import ProxyService
@@ -151,7 +164,7 @@ class LiveProxy:
         self.fake_port = reactor.listenTCP(0, self.fake_site, interface="127.0.0.1")
         test.addCleanup(self.fake_port.stopListening)
         self.logs = test.mktemp()
-        options = Options(environ={}, dotenv={})
+        options = Options(environ=environ or {}, dotenv={})
         options.parseOptions(
             [
                 "--listen", "tcp:0:interface=127.0.0.1",

@@ -43,7 +43,7 @@ class PrecedenceTests(SynchronousTestCase):
         self.assertEqual(settings["ollama-url"], Upstream(b"http://env:1"))
         self.assertEqual(settings["host"], "127.0.0.2")
         self.assertEqual(settings["max-queue"], 512)
-        self.assertEqual(settings["log-path"], self.logs)
+        self.assertEqual(settings["log-path"], os.path.abspath(self.logs))
 
     def test_defaults(self) -> None:
         """

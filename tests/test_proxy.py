@@ -44,6 +44,8 @@ ROUTES = [
     ("HEAD", "/api/blobs/sha256:" + "0" * 64, None),
     ("POST", "/v1/chat/completions", {"model": "llama3.2", "messages": [{"role": "user", "content": "Hi"}]}),
     ("POST", "/v1/chat/completions", {"model": "llama3.2", "stream": True, "stream_options": {"include_usage": True}, "messages": [{"role": "user", "content": "Hi"}]}),
+    ("POST", "/v1/chat/completions", {"model": "llama3.2", "stream": True, "messages": [{"role": "user", "content": "Hi"}]}),
+    ("POST", "/v1/chat/completions", {"model": "llama3.2", "stream": True, "stream_options": {"include_usage": False}, "messages": [{"role": "user", "content": "Hi"}]}),
     ("POST", "/v1/completions", {"model": "llama3.2", "prompt": "Hi", "stream": True}),
     ("POST", "/v1/embeddings", {"model": "all-minilm", "input": "Hi"}),
     ("GET", "/v1/models", None),

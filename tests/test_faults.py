@@ -1,0 +1,392 @@
+"""
+Faults over real loopback sockets: an upstream that refuses, resets, hangs,
+talks garbage or drops pooled connections; clients that leave early or read
+slowly; a CSV log that cannot be written; and malformed HTTP.  Whatever
+happens, the client gets a truthful answer and the CSV exactly one truthful
+row per request.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import random
+import shutil
+import socket
+import time
+from typing import Any, Callable
+
+import treq
+from treq.client import HTTPClient
+from twisted.internet import reactor
+from twisted.internet.defer import CancelledError, Deferred, DeferredList
+from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.task import deferLater
+from twisted.python.failure import Failure
+from twisted.trial.unittest import TestCase
+from twisted.web.client import Agent, HTTPConnectionPool, ResponseFailed
+from twisted.web.http import _ChunkedTransferDecoder
+from twisted.web.http_headers import Headers
+
+from ollamaproxy.record import COLUMNS
+from ollamaproxy.site import ProxyChannel
+from ollamaproxy.testing.fake_ollama import Fault
+
+from .support import LiveProxy
+
+GENERATE = {"model": "llama3.2", "prompt": "Why is the sky blue?"}
+
+
+def client(test: TestCase) -> HTTPClient:
+    pool = HTTPConnectionPool(reactor, persistent=False)
+    test.addCleanup(pool.closeCachedConnections)
+    return HTTPClient(Agent(reactor, pool=pool))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def pause(seconds: float) -> Deferred[None]:
+    return deferLater(reactor, seconds, lambda: None)
+
+
+async def eventually(check: Callable[[], Any], timeout: float = 2.0) -> Any:
+    """
+    Poll C{check} until it returns something true, for at most C{timeout}
+    seconds; return its last result.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        result = check()
+        if result or time.monotonic() > deadline:
+            return result
+        await pause(0.01)
+
+
+async def rows(proxy: LiveProxy, count: int, timeout: float = 2.0) -> list[dict[str, str]]:
+    """
+    The CSV's rows once there are at least C{count} (or after C{timeout}).
+    """
+    await eventually(lambda: len(proxy.rows()) >= count, timeout)
+    await pause(0.05)  # and no more come
+    return proxy.rows()
+
+
+def within(d: Deferred[Any], seconds: float) -> Deferred[Any]:
+    return d.addTimeout(seconds, reactor)
+
+
+# Raw servers and clients.
+
+
+class _Tracked(Protocol):
+    """
+    A protocol its factory keeps track of, so cleanup can close it and wait.
+    """
+
+    def connectionMade(self) -> None:
+        self.factory.connections.append(self)
+        self.closed: Deferred[None] = Deferred()
+
+    def connectionLost(self, reason: Failure) -> None:
+        self.closed.callback(None)
+
+
+class RawServerFactory(Factory):
+    """
+    A raw TCP server on loopback whose connections the test closes at the end.
+    """
+
+    def __init__(self, protocol: type[_Tracked], test: TestCase) -> None:
+        self.protocol = protocol
+        self.connections: list[_Tracked] = []
+        self.port = reactor.listenTCP(0, self, interface="127.0.0.1")
+        self.url = f"http://127.0.0.1:{self.port.getHost().port}"
+        test.addCleanup(self.close)
+
+    async def close(self) -> None:
+        if self.port.connected:
+            await self.port.stopListening()
+        for connection in self.connections:
+            connection.transport.abortConnection()
+        await DeferredList([c.closed for c in self.connections])
+
+
+class NotHttp(_Tracked):
+    """
+    Answers any request with a line that is not an HTTP status line, and
+    keeps the connection open.
+    """
+
+    reply = b"not http at all\r\n\r\n"
+
+    def dataReceived(self, data: bytes) -> None:
+        self.transport.write(self.reply)
+
+
+class RandomBytesThenClose(_Tracked):
+    """
+    Answers any request with random bytes (no line end), then closes.
+    """
+
+    def dataReceived(self, data: bytes) -> None:
+        self.transport.write(bytes(random.Random(4).randrange(256) for _ in range(300)).replace(b"\n", b""))
+        self.transport.loseConnection()
+
+
+class AnswersOnceThenDrops(_Tracked):
+    """
+    Answers the first request on each connection with a keep-alive 200, and
+    closes the connection without answering when a second request arrives on
+    it: the server's idle timeout firing just as the client reuses the
+    connection.  Every request is noted with the number of its connection.
+    """
+
+    seen: list[tuple[int, bytes]]
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        self.number = len(self.factory.connections)
+        self.buffer = b""
+        self.answered = False
+
+    def dataReceived(self, data: bytes) -> None:
+        self.buffer += data
+        if b"\r\n\r\n" not in self.buffer:
+            return
+        request_line = self.buffer.split(b"\r\n", 1)[0]
+        self.factory.seen.append((self.number, request_line))
+        self.buffer = b""
+        if self.answered:
+            self.transport.loseConnection()
+            return
+        self.answered = True
+        body = b'{"version":"0.12.6"}'
+        self.transport.write(
+            b"HTTP/1.1 200 OK\r\nContent-Type: application/json; charset=utf-8\r\n"
+            b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+        )
+
+
+class RawClient(Protocol):
+    """
+    Sends raw bytes to the proxy and collects whatever comes back.
+    """
+
+    def __init__(self, payload: bytes) -> None:
+        self.payload = payload
+        self.received = b""
+        self.closed: Deferred[None] = Deferred()
+
+    def connectionMade(self) -> None:
+        self.transport.write(self.payload)
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received += data
+
+    def connectionLost(self, reason: Failure) -> None:
+        self.closed.callback(None)
+
+
+async def raw_exchange(port: int, payload: bytes, wait: float = 3.0) -> tuple[bytes, bool]:
+    """
+    Send C{payload} on a new connection; return what came back and whether
+    the proxy closed the connection within C{wait} seconds.
+    """
+    endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", port)
+    protocol = await connectProtocol(endpoint, RawClient(payload))
+    closed_by_proxy = True
+    try:
+        await within(protocol.closed, wait)
+    except Exception:
+        closed_by_proxy = False
+    if not closed_by_proxy:
+        protocol.closed = Deferred()
+        protocol.transport.abortConnection()
+        await protocol.closed
+    return protocol.received, closed_by_proxy
+
+
+def status_of(raw: bytes) -> int | None:
+    if not raw.startswith(b"HTTP/1.1 "):
+        return None
+    return int(raw[9:12])
+
+
+# Upstream faults.
+
+
+class UpstreamFaultTests(TestCase):
+    async def test_refused_connection(self) -> None:
+        """
+        Nothing listening upstream: the client gets a 502 saying the
+        connection was refused, and so does the one row.
+        """
+        proxy = LiveProxy(self, args=["--ollama-url", f"http://127.0.0.1:{free_port()}"])
+        response = await client(self).post(proxy.url + "/api/generate", json=GENERATE)
+        self.assertEqual(response.code, 502)
+        error = (await response.json())["error"]
+        self.assertIn("unreachable: connection refused", error)
+        [row] = await rows(proxy, 1)
+        self.assertEqual(row["http_status"], "502")
+        self.assertEqual(row["error_message"], error)
+        self.assertEqual(row["model"], "llama3.2")
+
+    async def test_reset_before_headers(self) -> None:
+        """
+        An upstream that resets the connection before any response byte
+        gives the client a 502 saying it closed without responding; the row
+        says the same.
+        """
+        proxy = LiveProxy(self)
+        proxy.fake.inject(Fault.RESET_BEFORE_HEADERS)
+        response = await client(self).post(proxy.url + "/api/generate", json=GENERATE)
+        self.assertEqual(response.code, 502)
+        error = (await response.json())["error"]
+        self.assertIn("closed the connection without responding", error)
+        [row] = await rows(proxy, 1)
+        self.assertEqual((row["http_status"], row["error_message"]), ("502", error))
+        self.assertEqual(row["response_size_bytes"], str(len(error) + len('{"error": ""}')))
+
+    async def test_reset_mid_stream(self) -> None:
+        """
+        An upstream reset mid-stream cuts the client's chunked body short
+        (no terminating chunk, so the client knows); the row keeps the 200
+        that was sent and says how far the response got.
+        """
+        proxy = LiveProxy(self, token_delay=0.01)
+        proxy.fake.inject(Fault.RESET_MIDSTREAM, after_chunks=3)
+        response = await client(self).post(proxy.url + "/api/generate", json=GENERATE, unbuffered=True)
+        self.assertEqual(response.code, 200)
+        received: list[bytes] = []
+        with self.assertRaises(ResponseFailed):
+            await treq.collect(response, received.append)
+        self.assertEqual(len(b"".join(received).splitlines()), 3)
+        [row] = await rows(proxy, 1)
+        self.assertEqual(row["http_status"], "200")
+        self.assertEqual(
+            row["error_message"],
+            f"upstream connection lost after {len(b''.join(received))} bytes of the response",
+        )
+
+    async def test_hang_before_headers(self) -> None:
+        """
+        An upstream that never sends headers is given up after
+        --header-timeout: the client gets a 504 saying so, the upstream
+        connection is closed, and the row says 504.
+        """
+        proxy = LiveProxy(self, args=["--header-timeout", "0.3"])
+        proxy.fake.inject(Fault.HANG_BEFORE_HEADERS)
+        upstream_gone = proxy.fake.when_disconnected()
+        started = time.monotonic()
+        response = await client(self).post(proxy.url + "/api/generate", json=GENERATE)
+        self.assertEqual(response.code, 504)
+        self.assertLess(time.monotonic() - started, 2.0)
+        error = (await response.json())["error"]
+        self.assertIn("sent no response headers within 0.3 s", error)
+        await within(upstream_gone, 1.0)
+        [row] = await rows(proxy, 1)
+        self.assertEqual((row["http_status"], row["error_message"]), ("504", error))
+
+    async def test_hang_mid_stream(self) -> None:
+        """
+        An upstream that falls silent mid-stream is given up after
+        --idle-timeout: the client's body is cut short, the upstream
+        connection closed, and the row keeps 200 and names the timeout.
+        """
+        proxy = LiveProxy(self, token_delay=0.01, args=["--idle-timeout", "0.3"])
+        proxy.fake.inject(Fault.HANG_MIDSTREAM, after_chunks=2)
+        upstream_gone = proxy.fake.when_disconnected()
+        response = await client(self).post(proxy.url + "/api/generate", json=GENERATE, unbuffered=True)
+        received: list[bytes] = []
+        with self.assertRaises(ResponseFailed):
+            await within(treq.collect(response, received.append), 2.0)
+        self.assertEqual(len(b"".join(received).splitlines()), 2)
+        await within(upstream_gone, 1.0)
+        [row] = await rows(proxy, 1)
+        self.assertEqual(row["http_status"], "200")
+        self.assertEqual(row["error_message"], "upstream sent nothing for 0.3 s mid-response; gave up")
+
+    async def test_garbage_instead_of_http(self) -> None:
+        """
+        An upstream that answers with something that is not HTTP gives a
+        502 saying the response was invalid, at once (not after a timeout),
+        whether it keeps the connection open or closes it.
+        """
+        for server in (NotHttp, RandomBytesThenClose):
+            upstream = RawServerFactory(server, self)
+            proxy = LiveProxy(self, args=["--ollama-url", upstream.url, "--header-timeout", "10"])
+            started = time.monotonic()
+            response = await client(self).get(proxy.url + "/api/tags")
+            self.assertLess(time.monotonic() - started, 2.0, server.__name__)
+            self.assertEqual(response.code, 502, server.__name__)
+            error = (await response.json())["error"]
+            self.assertIn("sent an invalid or incomplete response", error, server.__name__)
+            [row] = await rows(proxy, 1)
+            self.assertEqual((row["http_status"], row["error_message"]), ("502", error))
+            await proxy.stop()
+            await upstream.close()
+
+    async def test_pooled_connection_closed_by_upstream(self) -> None:
+        """
+        When the upstream closes a pooled keep-alive connection just as the
+        proxy reuses it, a GET (safe, no body) is retried by Twisted's
+        agent on a new connection and succeeds; a POST is not replayed (it
+        could run twice), and the client gets a prompt 502 saying the
+        upstream closed the connection without responding.
+        """
+        upstream = RawServerFactory(AnswersOnceThenDrops, self)
+        upstream.seen = []
+        proxy = LiveProxy(self, args=["--ollama-url", upstream.url])
+        http = client(self)
+        first = await http.get(proxy.url + "/api/version")
+        self.assertEqual((first.code, await first.json()), (200, {"version": "0.12.6"}))
+        second = await http.get(proxy.url + "/api/version?again")
+        self.assertEqual((second.code, await second.json()), (200, {"version": "0.12.6"}))
+        self.assertEqual(
+            upstream.seen,
+            [
+                (1, b"GET /api/version HTTP/1.1"),
+                (1, b"GET /api/version?again HTTP/1.1"),
+                (2, b"GET /api/version?again HTTP/1.1"),
+            ],
+        )
+        started = time.monotonic()
+        post = await http.post(proxy.url + "/api/show", json={"model": "llama3.2"})
+        self.assertLess(time.monotonic() - started, 2.0)
+        self.assertEqual(post.code, 502)
+        error = (await post.json())["error"]
+        self.assertIn("closed the connection without responding", error)
+        self.assertEqual(upstream.seen[3:], [(2, b"POST /api/show HTTP/1.1")])
+        found = await rows(proxy, 3)
+        self.assertEqual(
+            [(r["http_method"], r["http_status"], r["error_message"]) for r in found],
+            [("GET", "200", ""), ("GET", "200", ""), ("POST", "502", error)],
+        )
+
+    async def test_midstream_error_line(self) -> None:
+        """
+        A mid-stream C{{"error"}} line reaches the client as the stream's
+        last line (the body ends properly); the row keeps 200 and carries
+        Ollama's error text.
+        """
+        proxy = LiveProxy(self, token_delay=0.01)
+        proxy.fake.inject(Fault.MIDSTREAM_ERROR, after_chunks=2)
+        response = await client(self).post(proxy.url + "/api/chat", json={
+            "model": "llama3.2", "messages": [{"role": "user", "content": "Hi"}]})
+        lines = (await response.content()).splitlines()
+        self.assertEqual(response.code, 200)
+        self.assertEqual(len(lines), 3)
+        self.assertEqual(
+            lines[-1],
+            b'{"error":"an error was encountered while running the model: fake runner failure"}',
+        )
+        [row] = await rows(proxy, 1)
+        self.assertEqual(row["http_status"], "200")
+        self.assertEqual(
+            row["error_message"], "an error was encountered while running the model: fake runner failure"
+        )

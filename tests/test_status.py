@@ -1,0 +1,216 @@
+"""
+The proxy's own endpoints (/health, /health/ready, /metrics) and its
+orderly shutdown.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import treq
+from prometheus_client.parser import text_string_to_metric_families
+from treq.client import HTTPClient
+from treq.testing import RequestTraversalAgent
+from twisted.internet import reactor
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+from twisted.web.client import Agent, HTTPConnectionPool
+
+from ollamaproxy.metrics import MODEL_LABEL_LIMIT, Metrics
+from ollamaproxy.record import RequestRecord
+from ollamaproxy.testing.fake_ollama import FakeOllama
+
+from .support import LiveProxy
+
+
+def client(test: TestCase) -> HTTPClient:
+    pool = HTTPConnectionPool(reactor, persistent=False)
+    test.addCleanup(pool.closeCachedConnections)
+    return HTTPClient(Agent(reactor, pool=pool))
+
+
+def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    found = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            found[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return found
+
+
+class HealthTests(TestCase):
+    async def test_health_reports_upstream_log_and_load(self) -> None:
+        """
+        /health is 200 with the upstream's reachability and version, uptime,
+        in-flight requests, and the log file's path and state; it writes no
+        CSV row.
+        """
+        proxy = LiveProxy(self)
+        response = await client(self).get(proxy.url + "/health")
+        self.assertEqual(response.code, 200)
+        health = await response.json()
+        self.assertEqual(health["status"], "ok")
+        self.assertEqual(health["upstream"]["reachable"], True)
+        self.assertEqual(health["upstream"]["version"], "0.12.6")
+        self.assertEqual(health["upstream"]["url"], f"http://127.0.0.1:{proxy.fake_port.getHost().port}")
+        self.assertEqual(health["log"]["path"], os.path.abspath(proxy.csv))
+        self.assertTrue(health["log"]["writable"])
+        self.assertEqual(health["in_flight"], 0)
+        self.assertGreaterEqual(health["uptime_seconds"], 0)
+        ready = await client(self).get(proxy.url + "/health/ready")
+        self.assertEqual(ready.code, 200)
+        await ready.text()
+        self.assertEqual(proxy.rows(), [])
+
+    async def test_degraded_and_not_ready_when_upstream_is_down(self) -> None:
+        """
+        With Ollama down, /health still answers 200 but says degraded, and
+        /health/ready answers 503 with the reason.
+        """
+        proxy = LiveProxy(self)
+        await proxy.fake_port.stopListening()
+        health = await (await client(self).get(proxy.url + "/health")).json()
+        self.assertEqual(health["status"], "degraded")
+        self.assertFalse(health["upstream"]["reachable"])
+        self.assertIn("refused", health["upstream"]["error"].lower())
+        ready = await client(self).get(proxy.url + "/health/ready")
+        self.assertEqual(ready.code, 503)
+        self.assertIn("upstream not answering", (await ready.json())["reasons"][0])
+
+    async def test_ready_is_503_while_draining(self) -> None:
+        """
+        During shutdown /health/ready answers 503, so a load balancer moves
+        traffic away.
+        """
+        proxy = LiveProxy(self, token_delay=0.05, args=["--grace-period", "5"])
+        http = client(self)
+        stream = await http.post(
+            proxy.url + "/api/generate",
+            json={"model": "llama3.2", "prompt": "x", "options": {"num_predict": 8}},
+            unbuffered=True,
+        )
+        stopping = proxy.service.stopService()
+        self.assertTrue(proxy.service.draining)
+        body = await treq.content(stream)
+        self.assertEqual(len(body.splitlines()), 8)
+        await stopping
+        [row] = proxy.rows()
+        self.assertEqual((row["http_status"], row["error_message"]), ("200", ""))
+
+
+class ProbeCacheTests(SynchronousTestCase):
+    def test_probe_result_is_reused_for_a_second(self) -> None:
+        """
+        Health checks cost Ollama at most one /api/version a second.
+        """
+        from ollamaproxy.health import UpstreamProbe
+        from ollamaproxy.upstream import Upstream
+
+        clock = Clock()
+        fake = FakeOllama(clock)
+        agent = RequestTraversalAgent(fake.resource())
+        probe = UpstreamProbe(agent, Upstream(b"http://127.0.0.1:11434"), clock, clock.seconds)
+        for _ in range(3):
+            d = probe.check()
+            agent.flush()
+            self.assertTrue(self.successResultOf(d).reachable)
+        self.assertEqual(len(fake.received), 1)
+        clock.advance(1.5)
+        d = probe.check()
+        agent.flush()
+        self.successResultOf(d)
+        self.assertEqual(len(fake.received), 2)
+
+
+class ShutdownTests(TestCase):
+    async def test_grace_period_then_abort_with_a_row(self) -> None:
+        """
+        A stream still running when the grace period ends is cut, and its
+        row is written whole, saying why.
+        """
+        proxy = LiveProxy(self, token_delay=0.2, args=["--grace-period", "0.3"])
+        stream = await client(self).post(
+            proxy.url + "/api/generate",
+            json={"model": "llama3.2", "prompt": "x", "options": {"num_predict": 100}},
+            unbuffered=True,
+        )
+        body = treq.content(stream)
+        started = time.monotonic()
+        await proxy.service.stopService()
+        self.assertLess(time.monotonic() - started, 2.0)
+        with self.assertRaises(Exception):
+            await body
+        [row] = proxy.rows()
+        self.assertEqual(row["http_status"], "200")
+        self.assertEqual(row["error_message"], "proxy shut down before the request finished")
+
+    async def test_stops_accepting_at_once(self) -> None:
+        """
+        Once shutdown begins, new connections are refused.
+        """
+        proxy = LiveProxy(self)
+        await proxy.service.stopService()
+        with self.assertRaises(Exception):
+            await client(self).get(proxy.url + "/health")
+
+
+class MetricsTests(TestCase):
+    async def test_scrape_counts_a_known_set_of_requests(self) -> None:
+        """
+        After two chats, one embed and one failing request, /metrics counts
+        them by endpoint, model and status, with their tokens and durations.
+        """
+        proxy = LiveProxy(self)
+        http = client(self)
+        for _ in range(2):
+            await (await http.post(proxy.url + "/api/chat", json={"model": "llama3.2", "messages": [{"role": "user", "content": "hi"}], "stream": False})).text()
+        await (await http.post(proxy.url + "/api/embed", json={"model": "all-minilm", "input": "a b c"})).text()
+        await (await http.post(proxy.url + "/api/generate", json={"model": "nope", "prompt": "x"})).text()
+        scrape = await http.get(proxy.url + "/metrics")
+        self.assertEqual(scrape.code, 200)
+        self.assertTrue(scrape.headers.getRawHeaders(b"content-type")[0].startswith(b"text/plain"))
+        found = samples(await scrape.text())
+
+        def requests(endpoint: str, model: str, status: str) -> float:
+            key = ("ollamaproxy_requests_total", (("endpoint", endpoint), ("model", model), ("status", status)))
+            return found.get(key, 0)
+
+        self.assertEqual(requests("/api/chat", "llama3.2", "200"), 2)
+        self.assertEqual(requests("/api/embed", "all-minilm", "200"), 1)
+        self.assertEqual(requests("/api/generate", "nope", "404"), 1)
+        self.assertEqual(found[("ollamaproxy_tokens_total", (("model", "llama3.2"), ("type", "output")))], 16)
+        self.assertNotIn(("ollamaproxy_tokens_total", (("model", "all-minilm"), ("type", "output"))), found)
+        self.assertEqual(
+            found[("gen_ai_client_operation_duration_seconds_count", (("gen_ai_request_model", "llama3.2"),))], 2
+        )
+        self.assertEqual(found[("ollamaproxy_csv_rows_written_total", ())], 4)
+        self.assertEqual(found[("ollamaproxy_upstream_up", ())], 1)
+        self.assertEqual(found[("ollamaproxy_requests_in_flight", ())], 0)
+        self.assertEqual(len(proxy.rows()), 4, "scrapes are not logged")
+
+
+class LabelBoundTests(SynchronousTestCase):
+    def test_models_past_the_limit_fold_into_other(self) -> None:
+        """
+        Label values stay bounded: model 101 and beyond count as "other",
+        unknown paths as "other", and clients never become labels.
+        """
+        metrics = Metrics()
+        for n in range(MODEL_LABEL_LIMIT + 5):
+            metrics.request_finished(
+                RequestRecord(
+                    request_id=str(n), arrived_wall=0, arrived=0, ended=1, model=f"m{n}",
+                    endpoint=f"/random/{n}", http_status=200, ip_source=f"10.0.0.{n}",
+                    user_agent=f"ua{n}", session_id=f"s{n}",
+                )
+            )
+        from prometheus_client import generate_latest
+
+        text = generate_latest(metrics.registry).decode()
+        found = samples(text)
+        other = found[("ollamaproxy_requests_total", (("endpoint", "other"), ("model", "other"), ("status", "200")))]
+        self.assertEqual(other, 5)
+        self.assertNotIn("10.0.0.", text)
+        self.assertNotIn("ua1", text)
+        self.assertNotIn('"s1"', text)
+
