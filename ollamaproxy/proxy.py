@@ -429,7 +429,8 @@ class Exchange:
     def _upstream_failed(self, failure: Failure) -> None:
         self._pending = None
         self._cancel_timer()
-        if self._done:
+        if self._done or self._aborting:
+            # Cancelled by _stop_upstream: whoever stopped it answers.
             return
         self.record.upstream_ended = self._forwarder.monotonic()
         status, message = self._explain(failure)

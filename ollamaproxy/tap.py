@@ -44,23 +44,15 @@ class Options(usage.Options):
         self.settings: dict[str, Any] = {}
 
     def opt_listen(self, endpoint: str) -> None:
-        """
-        A Twisted server endpoint to listen on, e.g. tcp:3001:interface=127.0.0.1
-        (repeatable; replaces --host/--port) [env OLLAMAPROXY_LISTEN]
-        """
+        """A Twisted server endpoint, e.g. tcp:3001:interface=127.0.0.1 (repeatable; replaces --host/--port) [env OLLAMAPROXY_LISTEN]"""
         self["listen"].append(endpoint)
 
     def opt_api_key(self, key: str) -> None:
-        """
-        An accepted API key, NAME:SECRET (repeatable) [env OLLAMAPROXY_API_KEYS, comma-separated]
-        """
+        """An accepted API key, NAME:SECRET (repeatable) [env OLLAMAPROXY_API_KEYS, comma-separated]"""
         self["api-key"].append(key)
 
     def opt_trusted_proxy(self, cidr: str) -> None:
-        """
-        Believe X-Forwarded-For from this address or CIDR range (repeatable)
-        [env OLLAMAPROXY_TRUSTED_PROXIES]
-        """
+        """Believe X-Forwarded-For from this address or CIDR range (repeatable) [env OLLAMAPROXY_TRUSTED_PROXIES]"""
         self["trusted-proxy"].append(cidr)
 
     def parseOptions(self, options: list[str] | None = None) -> None:

@@ -14,6 +14,7 @@ import random
 import shutil
 import socket
 import time
+from io import BytesIO
 from typing import Any, Callable
 
 import treq
@@ -25,7 +26,7 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import deferLater
 from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
-from twisted.web.client import Agent, HTTPConnectionPool, ResponseFailed
+from twisted.web.client import Agent, FileBodyProducer, HTTPConnectionPool, ResponseFailed
 from twisted.web.http import _ChunkedTransferDecoder
 from twisted.web.http_headers import Headers
 
@@ -390,3 +391,111 @@ class UpstreamFaultTests(TestCase):
         self.assertEqual(
             row["error_message"], "an error was encountered while running the model: fake runner failure"
         )
+
+
+# Client faults.
+
+
+class _Collect(Protocol):
+    """
+    Reads a response body; hangs up after C{hang_up_after} bytes.
+    """
+
+    def __init__(self, hang_up_after: int | None = None) -> None:
+        self.hang_up_after = hang_up_after
+        self.received = b""
+        self.got_enough: Deferred[None] = Deferred()
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received += data
+        if self.hang_up_after is not None and len(self.received) >= self.hang_up_after:
+            self.hang_up_after = None
+            self.transport.stopProducing()
+            self.got_enough.callback(None)
+
+    def connectionLost(self, reason: Failure) -> None:
+        pass
+
+
+class ClientFaultTests(TestCase):
+    async def test_disconnect_before_headers(self) -> None:
+        """
+        A client that leaves while Ollama is still loading (no headers yet)
+        gets a 499 row saying so, and the upstream connection is closed
+        within a second, so Ollama stops working on it.
+        """
+        proxy = LiveProxy(self, load_delay=30.0)
+        upstream_gone = proxy.fake.when_disconnected()
+        pool = HTTPConnectionPool(reactor, persistent=False)
+        self.addCleanup(pool.closeCachedConnections)
+        pending = Agent(reactor, pool=pool).request(
+            b"POST", proxy.url.encode() + b"/api/generate", Headers(),
+            FileBodyProducer(BytesIO(b'{"model":"llama3.2","prompt":"slow"}')),
+        )
+        self.assertTrue(await eventually(lambda: len(proxy.fake.received) == 1))
+        pending.cancel()
+        self.assertFailure(pending, CancelledError)
+        started = time.monotonic()
+        self.assertEqual(await within(upstream_gone, 1.0), b"/api/generate")
+        self.assertLess(time.monotonic() - started, 1.0)
+        [row] = await rows(proxy, 1)
+        self.assertEqual(row["http_status"], "499")
+        self.assertEqual(row["error_message"], "client disconnected before the upstream answered")
+        self.assertEqual(row["response_size_bytes"], "0")
+
+    async def test_disconnect_mid_stream(self) -> None:
+        """
+        A client that leaves mid-stream leaves a row that keeps the 200 it
+        was sent and says how many bytes it had been sent; the upstream
+        connection is closed within a second.
+        """
+        proxy = LiveProxy(self, token_delay=0.02)
+        upstream_gone = proxy.fake.when_disconnected()
+        response = await client(self).post(
+            proxy.url + "/api/generate",
+            json={**GENERATE, "options": {"num_predict": 10000}},
+            unbuffered=True,
+        )
+        reader = _Collect(hang_up_after=300)
+        response.deliverBody(reader)
+        await within(reader.got_enough, 2.0)
+        started = time.monotonic()
+        await within(upstream_gone, 1.0)
+        self.assertLess(time.monotonic() - started, 1.0)
+        [row] = await rows(proxy, 1)
+        self.assertEqual(row["http_status"], "200")
+        sent = int(row["response_size_bytes"])
+        self.assertGreaterEqual(sent, len(reader.received))
+        self.assertEqual(row["error_message"], f"client disconnected after {sent} bytes")
+
+    async def test_disconnect_while_queued(self) -> None:
+        """
+        With --max-concurrent 1 and the slot taken by a long stream, a
+        queued client that leaves gets a 499 row "while queued", and its
+        request never reaches Ollama, not even once the slot is free.
+        """
+        proxy = LiveProxy(self, token_delay=0.02, args=["--max-concurrent", "1"])
+        http = client(self)
+        long = await http.post(
+            proxy.url + "/api/generate",
+            json={**GENERATE, "options": {"num_predict": 10000}},
+            unbuffered=True,
+        )
+        holder = _Collect()
+        long.deliverBody(holder)
+        queued = http.post(proxy.url + "/api/chat", json={"model": "llama3.2", "messages": []})
+        self.assertTrue(await eventually(lambda: proxy.service.forwarder.gate.queued == 1))
+        queued.cancel()
+        self.assertFailure(queued, CancelledError)
+        [row] = await rows(proxy, 1)
+        self.assertEqual((row["endpoint"], row["http_status"]), ("/api/chat", "499"))
+        self.assertEqual(row["error_message"], "client disconnected while queued")
+        self.assertEqual(proxy.service.forwarder.gate.queued, 0)
+        # Free the slot: the request that left must not be sent now.
+        upstream_gone = proxy.fake.when_disconnected()
+        holder.transport.stopProducing()
+        await within(upstream_gone, 1.0)
+        found = await rows(proxy, 2)
+        self.assertEqual([r["endpoint"] for r in found], ["/api/chat", "/api/generate"])
+        self.assertEqual([r.uri for r in proxy.fake.received], [b"/api/generate"])
+        self.assertEqual(proxy.service.forwarder.gate.in_flight, 0)

@@ -641,7 +641,7 @@ class PropertyTests(SynchronousTestCase):
     Properties over random documents and random cuts.
     """
 
-    @settings(max_examples=120, deadline=None, database=None)
+    @settings(max_examples=100, deadline=None, database=None)
     @given(objects, dump_styles, padding, padding, st.data())
     def test_piecesMatchJsonLoads(
         self,
@@ -661,7 +661,7 @@ class PropertyTests(SynchronousTestCase):
         self.assertTrue(parser.complete)
         self.assertFalse(parser.failed)
 
-    @settings(max_examples=80, deadline=None, database=None)
+    @settings(max_examples=50, deadline=None, database=None)
     @given(objects, st.integers(0, 40), st.data())
     def test_limitMatchesRawLength(
         self, document: dict[str, Any], limit: int, data: st.DataObject
@@ -684,7 +684,7 @@ class PropertyTests(SynchronousTestCase):
         self.assertEqual(parser.oversized, oversized)
         self.assertTrue(parser.complete)
 
-    @settings(max_examples=80, deadline=None, database=None)
+    @settings(max_examples=50, deadline=None, database=None)
     @given(objects, dump_styles, padding, st.data())
     def test_truncatedNeverComplete(
         self,
@@ -704,7 +704,7 @@ class PropertyTests(SynchronousTestCase):
         parser.close()
         self.assertTrue(parser.failed)
 
-    @settings(max_examples=60, deadline=None, database=None)
+    @settings(max_examples=40, deadline=None, database=None)
     @given(non_objects, dump_styles, padding, st.data())
     def test_nonObjectsNeverComplete(
         self, document: Any, style: dict[str, Any], before: str, data: st.DataObject
@@ -718,7 +718,7 @@ class PropertyTests(SynchronousTestCase):
         self.assertFalse(parser.complete)
         self.assertTrue(parser.failed)
 
-    @settings(max_examples=120, deadline=None, database=None)
+    @settings(max_examples=100, deadline=None, database=None)
     @given(st.binary(max_size=64) | json_soup, st.data())
     def test_garbageNeverRaises(self, body: bytes, data: st.DataObject) -> None:
         """
