@@ -53,7 +53,7 @@ from csvrate import CsvRate, csv_rate
 from profiling import profile
 from servers import Server, Servers, raise_open_files_limit
 from small import PATH, WrkRun, small_requests
-from streams import HeldStreams, StreamResult, hold_streams, streaming
+from streams import Batch, HeldStreams, hold_streams, streaming
 
 BUDGET = 290  # seconds; the alarm that bounds the whole run
 CONCURRENCIES = (1, 32)
@@ -62,7 +62,7 @@ CONCURRENCIES = (1, 32)
 @dataclass(frozen=True)
 class Plan:
     rounds: int  # interleaved rounds of each load
-    wrk_seconds: float  # one wrk run
+    wrk_seconds: int  # one wrk run
     sequential: int  # single streams per target per round
     concurrent: int = 64  # streams at once
     tokens: int = 64  # per stream
@@ -72,8 +72,8 @@ class Plan:
     csv_rows: int = 20_000
 
 
-FULL = Plan(rounds=5, wrk_seconds=3, sequential=4)
-QUICK = Plan(rounds=2, wrk_seconds=1, sequential=2, csv_rows=5_000)
+FULL = Plan(rounds=5, wrk_seconds=3, sequential=8)
+QUICK = Plan(rounds=2, wrk_seconds=1, sequential=4, csv_rows=5_000)
 
 
 @dataclass
@@ -166,12 +166,16 @@ def small_rows(runs: list[WrkRun], names: list[str]) -> list[Row]:
     return rows
 
 
-def stream_rows(results: list[StreamResult], names: list[str], plan: Plan) -> list[Row]:
-    """Figure 3: percentiles over every stream (TTFB) or line gap of all rounds."""
+def stream_rows(batches: list[Batch], names: list[str], plan: Plan) -> list[Row]:
+    """
+    Figure 3: percentiles over every stream (TTFB) or line gap of all rounds,
+    and the target's CPU per token delivered.
+    """
     rows = []
     for c in (1, plan.concurrent):
         label = "1 stream" if c == 1 else f"{c} streams"
-        ok = [r for r in results if r.concurrency == c and r.ok]
+        mine = [b for b in batches if b.concurrency == c]
+        ok = [r for b in mine for r in b.results if r.ok]
         figures = (
             ("TTFB", "p50", lambda n: percentile((r.ttfb for r in ok if r.target == n), 50), False),
             ("TTFB", "p99", lambda n: percentile((r.ttfb for r in ok if r.target == n), 99), c > 1),
@@ -188,6 +192,12 @@ def stream_rows(results: list[StreamResult], names: list[str], plan: Plan) -> li
                 {n: _plus_ms(x) for n, x in more.items()},
                 "+< 1 ms" if checked else "", more["proxy"] < 1e-3 if checked else None,
             ))
+        cpu = {n: sum(b.cpu for b in mine if b.target == n)
+               / max(1, sum(b.lines for b in mine if b.target == n)) for n in names}
+        rows.append(Row(
+            f"CPU per token, {label} (µs)", {n: _us(x) for n, x in cpu.items()},
+            {n: _times(cpu[n] / cpu["direct"]) for n in names[1:]},
+        ))
     return rows
 
 
@@ -260,14 +270,15 @@ def machine() -> dict[str, Any]:
     }
 
 
-def notes(runs: list[WrkRun], results: list[StreamResult], held: list[HeldStreams],
-          proxy_csv_rows: int, plan: Plan) -> list[str]:
-    """What might make a figure wrong: errors, failed streams, missing rows."""
-    out = []
+def notes(runs: list[WrkRun], batches: list[Batch], held: list[HeldStreams],
+          proxy_csv_rows: int, client_share: float, plan: Plan) -> list[str]:
+    """What might make a figure wrong: errors, failed streams, missing rows, a busy client."""
+    out = [f"stream client: {client_share:.0%} of one core while streaming"]
     for name in dict.fromkeys(r.target for r in runs):
         errors = sum(r.errors for r in runs if r.target == name)
         if errors:
             out.append(f"{name}: {errors} wrk errors (socket errors or non-2xx)")
+    results = [r for b in batches for r in b.results]
     for name in dict.fromkeys(r.target for r in results):
         failed = sum(not r.ok for r in results if r.target == name)
         if failed:
@@ -277,7 +288,8 @@ def notes(runs: list[WrkRun], results: list[StreamResult], held: list[HeldStream
             out.append(f"{h.target}: only {h.held} of {plan.held} streams were held open")
     proxied = sum(r.requests for r in runs if r.target == "proxy") + sum(
         1 for r in results if r.target == "proxy")
-    out.append(f"proxy CSV log: {proxy_csv_rows:,} rows for at least {proxied:,} requests")
+    out.append(f"proxy CSV log: {proxy_csv_rows:,} rows written; "
+               f"{proxied:,} measured requests went through the proxy, and the warm-ups")
     return out
 
 
@@ -308,6 +320,10 @@ def main(argv: list[str] | None = None) -> None:
     signal.signal(signal.SIGALRM, _out_of_time)
     signal.alarm(BUDGET)
     started = time.monotonic()
+
+    def phase(title: str) -> None:
+        print(f"[{time.monotonic() - started:3.0f} s] {title}", flush=True)
+
     about = machine()
     print("machine: " + ", ".join(f"{k} {v}" for k, v in about.items()), flush=True)
 
@@ -322,30 +338,32 @@ def main(argv: list[str] | None = None) -> None:
             targets["nginx"] = nginx
         names = list(targets)
 
-        print(f"1-2. small requests (GET {PATH}) with wrk ...", flush=True)
+        phase(f"1-2. small requests (GET {PATH}), wrk, {plan.rounds} rounds")
         runs = small_requests(targets, CONCURRENCIES, plan.rounds, plan.wrk_seconds)
-        print("3. streams ...", flush=True)
-        results = streaming(targets, plan.rounds, plan.sequential, plan.concurrent, plan.tokens)
+        phase(f"3. streams of {plan.tokens} tokens, 1 and {plan.concurrent} at once")
+        wall, cpu = time.monotonic(), time.process_time()
+        batches = streaming(targets, plan.rounds, plan.sequential, plan.concurrent, plan.tokens)
+        client_share = (time.process_time() - cpu) / (time.monotonic() - wall)
         assert proxy.csv_path is not None
         proxy_csv_rows = _count_rows(proxy.csv_path)
 
-        print(f"4. {plan.held} held streams ...", flush=True)
+        phase(f"4. memory holding {plan.held} streams")
         slow = servers.fake("slow-fake", plan.held_token_delay)
         held_targets = {"direct": slow, "proxy": servers.proxy("slow-proxy", slow)}
         if "nginx" in targets and (slow_nginx := servers.nginx("slow-nginx", slow)):
             held_targets["nginx"] = slow_nginx
         held = hold_streams(held_targets, plan.held, plan.held_token_delay)
 
-    print("5. CSV writer ...", flush=True)
+    phase("5. CSV writer")
     csv = csv_rate(plan.csv_rows)
-    rows = (small_rows(runs, names) + stream_rows(results, names, plan)
+    rows = (small_rows(runs, names) + stream_rows(batches, names, plan)
             + held_rows(held, plan) + csv_rows(csv, runs))
     elapsed = time.monotonic() - started
 
     print()
     print(render(rows, names))
     print()
-    for note in notes(runs, results, held, proxy_csv_rows, plan):
+    for note in notes(runs, batches, held, proxy_csv_rows, client_share, plan):
         print(f"note: {note}")
     print(f"{'quick' if args.quick else 'full'} run: {elapsed:.0f} s; "
           f"load average now {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
@@ -356,7 +374,12 @@ def main(argv: list[str] | None = None) -> None:
                 "machine": about, "plan": asdict(plan), "seconds": elapsed,
                 "table": [asdict(row) for row in rows],
                 "wrk": [asdict(r) for r in runs],
-                "streams": [{k: v for k, v in asdict(r).items() if k != "gaps"} for r in results],
+                "streams": [
+                    {"target": b.target, "concurrency": b.concurrency, "cpu": b.cpu,
+                     "lines": b.lines, "ttfb": [r.ttfb for r in b.results],
+                     "failed": sum(not r.ok for r in b.results)}
+                    for b in batches
+                ],
                 "held": [asdict(h) for h in held],
                 "csv": asdict(csv),
             }, f, indent=1)

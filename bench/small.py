@@ -68,15 +68,18 @@ def _parse(report: str) -> tuple[int, float, float, float, int]:
     return requests, seconds, _seconds(p50), _seconds(p99), errors
 
 
-def wrk(target: str, round: int, server: Server, concurrency: int, seconds: float) -> WrkRun:
-    """Load C{server} with C{concurrency} connections for C{seconds}."""
+def wrk(target: str, round: int, server: Server, concurrency: int, seconds: int) -> WrkRun:
+    """Load C{server} with C{concurrency} connections for C{seconds} (wrk takes whole seconds)."""
     user_before, sys_before = server.cpu()
-    report = subprocess.run(
+    done = subprocess.run(
         ["wrk", "-t1", f"-c{concurrency}", f"-d{seconds}s", "--timeout", "5s", "--latency",
          f"http://{HOST}:{server.port}{PATH}"],
-        capture_output=True, text=True, check=True, timeout=seconds + 30,
-    ).stdout
+        capture_output=True, text=True, timeout=seconds + 30,
+    )
     user_after, sys_after = server.cpu()
+    if done.returncode != 0:
+        raise RuntimeError(f"wrk failed against {target}: {done.stderr or done.stdout}")
+    report = done.stdout
     requests, elapsed, p50, p99, errors = _parse(report)
     if requests == 0:
         raise RuntimeError(f"wrk completed no request against {target}:\n{report}")
@@ -85,7 +88,7 @@ def wrk(target: str, round: int, server: Server, concurrency: int, seconds: floa
 
 
 def small_requests(
-    targets: dict[str, Server], concurrencies: tuple[int, ...], rounds: int, seconds: float
+    targets: dict[str, Server], concurrencies: tuple[int, ...], rounds: int, seconds: int
 ) -> list[WrkRun]:
     """
     C{rounds} rounds; in each, every target at every concurrency, the
@@ -93,7 +96,7 @@ def small_requests(
     measured first or last.
     """
     for server in targets.values():  # open the pools, warm the caches
-        wrk("warm-up", -1, server, max(concurrencies), min(seconds, 1.0))
+        wrk("warm-up", -1, server, max(concurrencies), 1)
     runs = []
     names = list(targets)
     for r in range(rounds):

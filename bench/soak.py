@@ -38,7 +38,6 @@ import argparse
 import asyncio
 import csv
 import json
-import os
 import random
 import signal
 import sys
@@ -49,9 +48,8 @@ from typing import Any
 
 import psutil
 
-from servers import HOST, Servers, raise_open_files_limit
-
 from ollamaproxy.record import COLUMNS
+from servers import HOST, Servers, raise_open_files_limit
 
 BUDGET = 280  # seconds; the alarm that bounds the whole run
 REQUEST_TIMEOUT = 30.0
@@ -220,7 +218,7 @@ async def run_load(
                     return
                 try:
                     await asyncio.wait_for(connection.exchange(kinds[i], results[i]), REQUEST_TIMEOUT)
-                except (OSError, asyncio.IncompleteReadError, asyncio.TimeoutError, ValueError) as e:
+                except (OSError, EOFError, asyncio.LimitOverrunError, ValueError) as e:
                     results[i].error = f"{type(e).__name__}: {e}"
                     connection.close()
                 done += 1

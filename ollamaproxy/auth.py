@@ -25,7 +25,7 @@ def parse_key(text: str) -> tuple[str, str]:
     name, sep, secret = text.strip().partition(":")
     name, secret = name.strip(), secret.strip()
     if not sep or not name or not secret:
-        raise ValueError(f"an API key must look like NAME:SECRET, got {_shown(text)!r}")
+        raise ValueError(f"an API key must look like NAME:SECRET, got {_shown(text)}")
     return name, secret
 
 
@@ -97,5 +97,9 @@ def _digest(secret: bytes) -> bytes:
 
 
 def _shown(text: str) -> str:
-    name = text.partition(":")[0]
-    return f"{name}:…" if ":" in text else text[:20]
+    """
+    What an error message may show of a bad key: its name at most.  Text
+    without a colon may be a bare secret, and the message goes to the log.
+    """
+    name, sep, _ = text.strip().partition(":")
+    return repr(f"{name.strip()}:…") if sep else f"{len(text.strip())} characters without ':'"

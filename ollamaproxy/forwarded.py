@@ -25,7 +25,7 @@ class ClientAddress:
         self._trusted = tuple(trusted)
 
     def __call__(self, request: Request) -> str:
-        peer = _peer(request)
+        peer = peer_address(request)
         if not self._trusted or not self._is_trusted(peer):
             return peer
         hops = [
@@ -52,6 +52,10 @@ class ClientAddress:
         return any(ip in network for network in self._trusted)
 
 
-def _peer(request: Request) -> str:
+def peer_address(request: Request) -> str:
+    """
+    The address of the connection's other end: the client, or the last
+    proxy.  This is the hop the proxy adds to C{X-Forwarded-For}.
+    """
     address = request.getClientAddress()
     return getattr(address, "host", None) or "unix"

@@ -28,6 +28,7 @@ from twisted.web.server import NOT_DONE_YET, Request
 from .record import RequestRecord
 
 MODEL_LABEL_LIMIT = 100
+MODEL_LABEL_LENGTH = 200
 
 # From milliseconds to ten minutes: LLM requests span all of it.
 SECONDS_BUCKETS = (
@@ -123,6 +124,12 @@ class Metrics:
         )
 
     def model_label(self, model: str) -> str:
+        """
+        C{model} as a label value: one of the first L{MODEL_LABEL_LIMIT}
+        names seen, else C{other}; cut to a sane length and made encodable
+        (a lone surrogate from a hostile body would break every scrape).
+        """
+        model = model[:MODEL_LABEL_LENGTH].encode("utf-8", "backslashreplace").decode("utf-8")
         if model in self._models:
             return model
         if len(self._models) >= MODEL_LABEL_LIMIT:

@@ -49,7 +49,7 @@ from .facts import (
     fields_of,
     parse_object,
 )
-from .forwarded import ClientAddress
+from .forwarded import ClientAddress, peer_address
 from .gate import Gate, QueueFull
 from .jsonfields import TopLevelFields
 from .meter import Meter, meter_for
@@ -234,15 +234,17 @@ class Exchange:
     def start(self) -> None:
         forwarder, request, record = self._forwarder, self._request, self.record
         self._arrive()
-        self._take_body()
-        if self._done:
-            return
         if forwarder.keys is not None:
+            # Before the body is even looked at: a request without a key
+            # costs the proxy as little as possible.
             name = forwarder.keys.identify(request.requestHeaders)
             if name is None:
                 self._reject(401, "missing or invalid API key")
                 return
             record.api_key_name = name
+        self._take_body()
+        if self._done:
+            return
         try:
             waiter = forwarder.gate.enter()
         except QueueFull as e:
@@ -263,6 +265,9 @@ class Exchange:
         forwarder, request, record = self._forwarder, self._request, self.record
         forwarder.active.add(self)
         record.concurrent_requests = len(forwarder.active)
+        body = getattr(request, "body", None)
+        if isinstance(body, bytes):
+            record.request_size_bytes = len(body)
         request.notifyFinish().addErrback(self._client_left)
         request.setHeader(b"x-request-id", record.request_id.encode("ascii"))
 
@@ -347,7 +352,7 @@ class Exchange:
                 body = with_usage_requested(body)
             producer = BytesProducer(body)
         headers = upstream_headers(
-            request, record.ip_source, consumed=forwarder.keys.headers if forwarder.keys else ()
+            request, peer_address(request), consumed=forwarder.keys.headers if forwarder.keys else ()
         )
         record.sent_upstream = forwarder.monotonic()
         try:
@@ -649,12 +654,14 @@ def with_usage_requested(body: bytes) -> bytes:
     return inner + separator + b'"stream_options":{"include_usage":true}}'
 
 
-def upstream_headers(request: Request, client_ip: str, consumed: Iterable[bytes] = ()) -> Headers:
+def upstream_headers(request: Request, peer: str, consumed: Iterable[bytes] = ()) -> Headers:
     """
     The headers to send upstream: the client's, minus hop-by-hop headers
     (and any the C{Connection} header names), minus C{consumed} (the proxy's
-    own API key), plus the C{X-Forwarded-*} set.  Host is left to the agent,
-    which names the upstream, since Ollama on loopback refuses other hosts.
+    own API key), plus the C{X-Forwarded-*} set, C{peer} (the connection's
+    other end, as every proxy in a chain does) appended to
+    C{X-Forwarded-For}.  Host is left to the agent, which names the
+    upstream, since Ollama on loopback refuses other hosts.
     """
     incoming = request.requestHeaders
     skip = set(_NOT_FORWARDED)
@@ -666,7 +673,7 @@ def upstream_headers(request: Request, client_ip: str, consumed: Iterable[bytes]
         if name.lower() not in skip:
             outgoing.setRawHeaders(name, values)
     forwarded_for = incoming.getRawHeaders(b"x-forwarded-for", [])
-    forwarded_for = b", ".join([*forwarded_for, client_ip.encode("utf-8", "replace")])
+    forwarded_for = b", ".join([*forwarded_for, peer.encode("utf-8", "replace")])
     outgoing.setRawHeaders(b"x-forwarded-for", [forwarded_for])
     host = incoming.getRawHeaders(b"host")
     if host:

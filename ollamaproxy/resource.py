@@ -41,8 +41,13 @@ class Root(Resource):
                 request,
                 400,
                 "request target must be a path (no absolute URLs, CONNECT, '*', "
-                "dot segments, backslashes or NUL)",
+                "dot segments, backslashes, NUL, control or non-ASCII bytes)",
             )
+            return NOT_DONE_YET
+        if len(request.requestHeaders.getRawHeaders(b"host", ())) > 1:
+            # RFC 9112 section 3.2: refused, since a proxy in front of this
+            # one may have gone by the other Host.
+            self._forwarder.refuse(request, 400, "more than one Host header")
             return NOT_DONE_YET
         local = self._local.get(path)
         if local is None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import enum
 import json
+import re
 from urllib.parse import unquote_to_bytes
 
 
@@ -29,6 +30,10 @@ NATIVE_STREAMING = frozenset(
 BLOBS_PREFIX = b"/api/blobs/"
 OPENAI_MODEL_PREFIX = b"/v1/models/"
 
+# A request target is visible ASCII (RFC 9112 section 3.2); Twisted lets
+# DEL and some bytes over 0x7f through.
+_NOT_TARGET_BYTE = re.compile(rb"[^\x21-\x7e]")
+
 
 def decoded_path(target: bytes) -> bytes | None:
     """
@@ -36,9 +41,10 @@ def decoded_path(target: bytes) -> bytes | None:
     when the target is one a reverse proxy must refuse: absolute-form
     (C{http://elsewhere/}), authority-form (C{CONNECT host:443}), C{*}, or a
     path with dot segments, backslashes or NUL bytes, which upstream servers
-    and the proxy's own routing could read differently.
+    and the proxy's own routing could read differently, or with a control
+    or non-ASCII byte, which no valid target has.
     """
-    if not target.startswith(b"/"):
+    if not target.startswith(b"/") or _NOT_TARGET_BYTE.search(target):
         return None
     path = target.split(b"?", 1)[0]
     decoded = unquote_to_bytes(path)

@@ -5,7 +5,9 @@ CSV log, the host sampler, and an orderly shutdown.
 
 from __future__ import annotations
 
+import os
 import signal
+import sys
 import time
 from typing import Any, Mapping
 
@@ -27,7 +29,7 @@ from .metrics import Metrics
 from .proxy import Forwarder, Limits
 from .resource import build_root
 from .sampler import HostSampler
-from .site import ProxySite
+from .site import BUFFERED_BODY_LIMIT, ProxySite
 from .upstream import upstream_agent
 
 
@@ -45,11 +47,16 @@ class ProxyService(Service):
         settings: Mapping[str, Any],
         reactor: Any,
         agent: IAgent | None = None,
-        install_signal_handlers: bool = True,
+        owns_process: bool = True,
     ) -> None:
+        """
+        @param owns_process: this service is the program (C{twist},
+            C{twistd}): it handles SIGHUP, and exits non-zero when it cannot
+            listen.  Tests that run it in their own process pass C{False}.
+        """
         self._settings = settings
         self._reactor = reactor
-        self._install_signal_handlers = install_signal_handlers
+        self._owns_process = owns_process
         self._endpoints = listen_endpoints(settings)
         self._ports: list[IListeningPort] = []
         self.pool = HTTPConnectionPool(reactor, persistent=True)
@@ -94,7 +101,12 @@ class ProxyService(Service):
             status_needs_key=not settings["open-status"],
             monotonic=time.monotonic,
         )
-        self.site = ProxySite(self.root, timeout=settings["client-timeout"], reactor=reactor)
+        self.site = ProxySite(
+            self.root,
+            timeout=settings["client-timeout"],
+            reactor=reactor,
+            buffered_body_limit=min(BUFFERED_BODY_LIMIT, settings["max-body-bytes"]),
+        )
         self.draining = False
 
     def _keys_configured(self) -> bool:
@@ -106,7 +118,7 @@ class ProxyService(Service):
         self.sampler.startService()
         if self._settings["api-keys-file"]:
             self.reload_keys()
-        if self._install_signal_handlers and hasattr(signal, "SIGHUP"):
+        if self._owns_process and hasattr(signal, "SIGHUP"):
             signal.signal(signal.SIGHUP, self._on_sighup)
         self._warn_if_exposed()
         for description in self._endpoints:
@@ -130,7 +142,13 @@ class ProxyService(Service):
             endpoint=description,
             error=failure.getErrorMessage(),
         )
-        self._reactor.stop()
+        # A TCP or UNIX listen fails at once, inside startService, before the
+        # reactor runs: stop() then would raise ReactorNotRunning into this
+        # Deferred and the process would run on, listening on nothing.
+        self._reactor.callWhenRunning(self._reactor.stop)
+        if self._owns_process:
+            # twist would exit 0 after a clean stop; this was a failure.
+            self._reactor.addSystemEventTrigger("after", "shutdown", _exit_failed)
 
     def _warn_if_exposed(self) -> None:
         exposed = exposed_endpoints(self._endpoints)
@@ -200,3 +218,13 @@ class ProxyService(Service):
         await self.pool.closeCachedConnections()
         self.sampler.stopService()
         await maybeDeferred(self.csv_log.stopService)
+
+
+def _exit_failed() -> None:
+    """
+    End the process with status 1 once the reactor has shut down (and the
+    log has been written).
+    """
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(1)

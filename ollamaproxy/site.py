@@ -31,8 +31,9 @@ from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer
 from twisted.web.server import Request, Site
 from zope.interface import implementer
 
-# Bodies up to this size, with a Content-Length, are read whole before the
-# request is rendered; anything else streams.
+# Bodies up to this size (or the body size limit, if lower), with a
+# Content-Length, are read whole before the request is rendered; anything
+# else streams.
 BUFFERED_BODY_LIMIT = 1024 * 1024
 
 # How much of a streaming body may wait in memory for the upstream to take
@@ -106,6 +107,9 @@ class StreamingBody:
         self.received += len(data)
         for observer in self._observers:
             observer(data)
+        if self._stopped or self._failure is not None:
+            # An observer ended the body (it went over the size limit).
+            return
         if self._consumer is not None and not self._upstream_paused and not self._waiting:
             self._consumer.write(data)
             return
@@ -121,19 +125,21 @@ class StreamingBody:
 
     def fail(self, reason: Failure) -> None:
         """
-        The body will not be completed: tell the upstream request and the
-        exchange.
+        The body will not be completed: tell the exchange, then the upstream
+        request.  The exchange goes first, so that it answers with the
+        reason (413, a malformed body) and abandons the upstream request,
+        rather than the upstream request's failure answering for it.
         """
         if self._failure is not None or self.complete:
             return
         self._failure = reason
         self._waiting = []
-        finished, self._finished = self._finished, None
-        if finished is not None and not self._stopped:
-            finished.errback(reason)
         callbacks, self._on_failure = self._on_failure, []
         for callback in callbacks:
             callback(reason)
+        finished, self._finished = self._finished, None
+        if finished is not None and not self._stopped:
+            finished.errback(reason)
 
     # IBodyProducer, for the upstream request.
 
@@ -141,9 +147,11 @@ class StreamingBody:
         self._consumer = consumer
         if self._failure is not None:
             return fail(self._failure)
-        self._finished = Deferred()
+        # Kept aside: when the whole body is already here, _drain fires it
+        # (and clears self._finished) before this returns.
+        finished = self._finished = Deferred()
         self._drain()
-        return self._finished
+        return finished
 
     def pauseProducing(self) -> None:
         self._upstream_paused = True
@@ -194,7 +202,7 @@ class ProxyRequest(Request):
         self.body: bytes | StreamingBody | None = None
 
     def gotLength(self, length: int | None) -> None:
-        if length is not None and length <= BUFFERED_BODY_LIMIT:
+        if length is not None and length <= self.channel.site.buffered_body_limit:
             self.content = BytesIO()
             return
         self.content = BytesIO()
@@ -291,7 +299,12 @@ class ProxyRequest(Request):
         self.method, self.uri, self.clientproto = command, uri, version
         path, _, query = uri.partition(b"?")
         self.path = path
-        self.args = parse_qs(query, 1) if query else {}
+        try:
+            self.args = parse_qs(query, 1) if query else {}
+        except UnicodeDecodeError:
+            # Twisted's request line parser lets bytes 0x7f-0xb0 through;
+            # the root refuses such a target, which must get that far.
+            self.args = {}
 
 
 class ProxyChannel(HTTPChannel):
@@ -356,6 +369,18 @@ class ProxyChannel(HTTPChannel):
             return
         super()._respondToBadRequestAndDisconnect()
 
+    def lineLengthExceeded(self, line: bytes) -> None:
+        """
+        A request line or header line longer than C{MAX_LENGTH} (16 KiB):
+        refused with 400 like any other malformed request, where
+        L{LineReceiver} would just close the connection.
+        """
+        if not self.persistent:
+            # What follows a response that ended the connection is not read.
+            self.loseConnection()
+            return
+        self._respondToBadRequestAndDisconnect()
+
     def _headersTooSlow(self) -> None:
         self._headerTimer = None
         peer = self.transport.getPeer() if self.transport is not None else None
@@ -380,8 +405,14 @@ class ProxySite(Site):
     requestFactory = ProxyRequest
     noisy = False
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(
+        self, *args: Any, buffered_body_limit: int = BUFFERED_BODY_LIMIT, **kwargs: Any
+    ) -> None:
         super().__init__(*args, **kwargs)
+        # Bodies with a Content-Length up to this are read whole before the
+        # request is rendered.  Keep it no higher than the body size limit,
+        # or a body that will be refused is read first.
+        self.buffered_body_limit = buffered_body_limit
         self.channels: set[ProxyChannel] = set()
         self._when_closed: list[Deferred[None]] = []
         self._abort_timer: IDelayedCall | None = None

@@ -10,6 +10,7 @@ import csv
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from treq.client import HTTPClient
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
@@ -18,7 +19,6 @@ from twisted.internet.task import deferLater
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.web.client import Agent, HTTPConnectionPool
-from treq.client import HTTPClient
 
 from ollamaproxy.record import COLUMNS
 
@@ -30,12 +30,11 @@ async def eventually(condition: Callable[[], bool], timeout: float = PATIENCE) -
     """
     Poll C{condition} every 10 ms until it holds; fail after C{timeout}.
     """
-    waited = 0.0
+    deadline = reactor.seconds() + timeout
     while not condition():
-        if waited >= timeout:
+        if reactor.seconds() >= deadline:
             raise AssertionError(f"condition still false after {timeout:g} s")
         await deferLater(reactor, 0.01, lambda: None)
-        waited += 0.01
 
 
 @dataclass

@@ -173,7 +173,7 @@ class LiveProxy:
                 *(args or []),
             ]
         )
-        self.service = ProxyService(options.settings, reactor, install_signal_handlers=False)
+        self.service = ProxyService(options.settings, reactor, owns_process=False)
         self.service.startService()
         test.addCleanup(self.stop)
         self.port = self.service._ports[0].getHost().port

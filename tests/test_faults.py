@@ -81,6 +81,16 @@ def within(d: Deferred[Any], seconds: float) -> Deferred[Any]:
     return d.addTimeout(seconds, reactor)
 
 
+def hang_up(pending: Deferred[Any]) -> None:
+    """
+    Cancel a client request that has no response yet: the agent closes the
+    connection.
+    """
+    pending.addErrback(lambda failure: failure.trap(CancelledError, ResponseFailed))
+    pending.cancel()
+    assert pending.called
+
+
 # Raw servers and clients.
 
 
@@ -433,8 +443,7 @@ class ClientFaultTests(TestCase):
             FileBodyProducer(BytesIO(b'{"model":"llama3.2","prompt":"slow"}')),
         )
         self.assertTrue(await eventually(lambda: len(proxy.fake.received) == 1))
-        pending.cancel()
-        self.assertFailure(pending, CancelledError)
+        hang_up(pending)
         started = time.monotonic()
         self.assertEqual(await within(upstream_gone, 1.0), b"/api/generate")
         self.assertLess(time.monotonic() - started, 1.0)
@@ -485,8 +494,7 @@ class ClientFaultTests(TestCase):
         long.deliverBody(holder)
         queued = http.post(proxy.url + "/api/chat", json={"model": "llama3.2", "messages": []})
         self.assertTrue(await eventually(lambda: proxy.service.forwarder.gate.queued == 1))
-        queued.cancel()
-        self.assertFailure(queued, CancelledError)
+        hang_up(queued)
         [row] = await rows(proxy, 1)
         self.assertEqual((row["endpoint"], row["http_status"]), ("/api/chat", "499"))
         self.assertEqual(row["error_message"], "client disconnected while queued")
@@ -499,3 +507,272 @@ class ClientFaultTests(TestCase):
         self.assertEqual([r["endpoint"] for r in found], ["/api/chat", "/api/generate"])
         self.assertEqual([r.uri for r in proxy.fake.received], [b"/api/generate"])
         self.assertEqual(proxy.service.forwarder.gate.in_flight, 0)
+
+
+def write_buffered(transport: Any) -> int:
+    """
+    Bytes a Twisted TCP transport holds in user space, not yet sent.
+    """
+    return len(transport.dataBuffer) - transport.offset + transport._tempDataLen
+
+
+class SlowReader(Protocol):
+    """
+    An HTTP client that reads only when told to: its transport stays paused
+    except for one read at a time, and its socket receive buffer is small.
+    """
+
+    def __init__(self, request: bytes) -> None:
+        self.request = request
+        self.received = 0
+        self.data: list[bytes] = []
+        self._reading: Deferred[None] | None = None
+        self.trickle = True
+        self.closed: Deferred[None] = Deferred()
+
+    def connectionMade(self) -> None:
+        self.transport.pauseProducing()
+        self.transport.write(self.request)
+
+    def read_a_little(self) -> Deferred[None]:
+        self._reading = Deferred()
+        self.transport.resumeProducing()
+        return self._reading
+
+    def read_the_rest(self) -> Deferred[None]:
+        self.trickle = False
+        self.transport.resumeProducing()
+        return self.closed
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received += len(data)
+        self.data.append(data)
+        if self.trickle:
+            self.transport.pauseProducing()
+            reading, self._reading = self._reading, None
+            if reading is not None:
+                reading.callback(None)
+
+    def connectionLost(self, reason: Failure) -> None:
+        self.closed.callback(None)
+
+
+def chunked_body(raw: bytes) -> tuple[bytes, bytes]:
+    head, _, rest = raw.partition(b"\r\n\r\n")
+    body: list[bytes] = []
+    decoder = _ChunkedTransferDecoder(body.append, lambda extra: None)
+    decoder.dataReceived(rest)
+    return head, b"".join(body)
+
+
+class SlowReaderTests(TestCase):
+    async def test_slow_reader_does_not_make_the_proxy_buffer(self) -> None:
+        """
+        A client that reads a multi-megabyte stream at a trickle makes the
+        proxy stop reading Ollama, not buffer the response.
+
+        The proxy's socket to the client gets a 64 kB send buffer (as on a
+        congested network; left alone, Linux would grow it to 4 MB and soak
+        up the whole response in the kernel).  The fake writes the whole
+        ~3 MB stream at once.  While the client is paused, then reads one
+        socket read (at most 64 kB) at a time, ten times, this test measures:
+        the bytes the proxy holds for the client in user space (its client
+        transport's write buffer), which must stay under 512 kB; whether the
+        proxy's upstream socket is read at all (it must stay out of the
+        reactor's readers, so the rest of the stream waits in the kernel's
+        buffers between Ollama and the proxy, not in the proxy); that the response has not ended; and the
+        test process's RSS from the first pause to the end of trickling,
+        which must grow by less than 4 MB.  Afterwards the client reads
+        everything: every line arrives, and the row is a clean 200.
+        """
+        import psutil
+
+        tokens = 30_000
+        proxy = LiveProxy(self, args=["--grace-period", "0.5"])
+        fake_protocols: list[Any] = []
+        build = proxy.fake_site.buildProtocol
+
+        def remember(addr: Any) -> Any:
+            protocol = build(addr)
+            fake_protocols.append(protocol)
+            return protocol
+
+        proxy.fake_site.buildProtocol = remember  # type: ignore[method-assign]
+        body = (b'{"model":"llama3.2","prompt":"x","options":{"num_predict":%d}}' % tokens)
+        request = (
+            b"POST /api/generate HTTP/1.1\r\nHost: proxy\r\nConnection: close\r\n"
+            b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+        )
+        reader = await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", proxy.port), SlowReader(request))
+
+        def upstream_transport() -> Any:
+            [exchange] = proxy.service.forwarder.active or [None]
+            return exchange and exchange._upstream_body and exchange._upstream_body._producer
+
+        def proxy_held() -> int:
+            return sum(write_buffered(c.transport) for c in proxy.service.site.channels)
+
+        def upstream_paused() -> bool:
+            transport = upstream_transport()
+            return transport is not None and transport not in reactor.getReaders()
+
+        self.assertTrue(await eventually(lambda: proxy.service.site.channels))
+        for channel in proxy.service.site.channels:
+            channel.transport.getHandle().setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 65536)
+        self.assertTrue(await eventually(lambda: proxy.fake.received and proxy.service.forwarder.active
+                                         and proxy.service.forwarder.active.copy().pop()._upstream_body, 15.0))
+        self.assertTrue(await eventually(upstream_paused, 5.0), "the proxy kept reading Ollama")
+        rss_paused = psutil.Process().memory_info().rss
+        held: list[int] = []
+        for _ in range(10):
+            await reader.read_a_little()
+            await pause(0.02)
+            held.append(proxy_held())
+            self.assertTrue(await eventually(upstream_paused, 1.0), "the proxy kept reading Ollama")
+            self.assertEqual(proxy.rows(), [], "the response ended while the client was paused")
+        fake_held = sum(write_buffered(p._channel.transport) for p in fake_protocols)
+        rss_trickled = psutil.Process().memory_info().rss
+        self.assertLess(max(held), 512 * 1024, held)
+        self.assertLess(rss_trickled - rss_paused, 4 * 1024 * 1024)
+        trickled = reader.received
+        rest = reader.read_the_rest()
+        await within(rest, 10.0)
+        head, streamed = chunked_body(b"".join(reader.data))
+        lines = streamed.splitlines()
+        self.assertTrue(head.startswith(b"HTTP/1.1 200 "))
+        self.assertEqual(len(lines), tokens)
+        [row] = await rows(proxy, 1)
+        self.assertEqual((row["http_status"], row["error_message"], row["output_tokens"]), ("200", "", str(tokens)))
+        self.assertEqual(int(row["response_size_bytes"]), len(streamed))
+        print(
+            f"\nslow reader: response {len(streamed)} B, client read {trickled} B while trickling, "
+            f"proxy held max {max(held)} B, fake held {fake_held} B, "
+            f"RSS {rss_paused >> 10} kB when paused -> {rss_trickled >> 10} kB after trickling"
+        )
+
+
+# Log faults.
+
+
+class LogFaultTests(TestCase):
+    async def test_unwritable_log_degrades_then_catches_up(self) -> None:
+        """
+        While the CSV directory is gone (a regular file stands in its place,
+        so it cannot be recreated, even by root), requests are still served,
+        /health says "degraded" and /health/ready answers 503; once the
+        directory is back, the rows kept in memory are written in order into
+        a new file that parses, and health is back to ok.
+        """
+        proxy = LiveProxy(self)
+        http = client(self)
+        first = await http.get(proxy.url + "/api/version", headers={"X-Session-Id": "before"})
+        await first.content()
+        self.assertEqual([r["session_id"] for r in await rows(proxy, 1)], ["before"])
+
+        shutil.rmtree(proxy.logs)
+        with open(proxy.logs, "w") as f:
+            f.write("not a directory\n")
+        for n in range(3):
+            response = await http.post(
+                proxy.url + "/api/generate",
+                json={**GENERATE, "stream": False, "options": {"num_predict": 3}},
+                headers={"X-Session-Id": f"during-{n}"},
+            )
+            self.assertEqual(response.code, 200)
+            self.assertEqual((await response.json())["eval_count"], 3)
+        health = await http.get(proxy.url + "/health")
+        self.assertEqual(health.code, 200)
+        status = await health.json()
+        self.assertEqual(status["status"], "degraded")
+        self.assertEqual((status["log"]["writable"], status["log"]["rows_buffered"]), (False, 3))
+        ready = await http.get(proxy.url + "/health/ready")
+        self.assertEqual(ready.code, 503, await ready.text())
+        self.assertTrue(any("CSV log not writable" in reason for reason in (await ready.json())["reasons"]))
+
+        os.remove(proxy.logs)
+        os.mkdir(proxy.logs)
+        self.assertTrue(await eventually(lambda: proxy.service.csv_log.healthy, 3.0))
+        with open(proxy.csv, newline="", encoding="utf-8") as f:
+            table = list(csv.reader(f))
+        self.assertEqual(table[0], list(COLUMNS))
+        self.assertTrue(all(len(row) == len(COLUMNS) for row in table))
+        found = proxy.rows()
+        self.assertEqual([r["session_id"] for r in found], ["during-0", "during-1", "during-2"])
+        self.assertTrue(all(r["http_status"] == "200" and r["output_tokens"] == "3" for r in found))
+        health = await http.get(proxy.url + "/health")
+        self.assertEqual((await health.json())["status"], "ok")
+        ready = await http.get(proxy.url + "/health/ready")
+        self.assertEqual(ready.code, 200)
+        await ready.content()
+
+
+# Malformed HTTP from clients.
+
+TLS_CLIENT_HELLO = (
+    bytes.fromhex("16030100f4010000f00303") + bytes(range(32)) + b"\x00\x02\x13\x01\x01\x00\x00\xc5"
+    + b"\x00" * 197
+)
+
+MALFORMED: list[tuple[str, bytes, list[int]]] = [
+    ("garbage", b"\x00\xff\xfe garbage \x01\x02\r\n\r\n", [400]),
+    ("garbage without a line end", b"\x00\xff\xfe garbage", [408]),
+    ("request line with 3 spaces", b"GET / api/version HTTP/1.1\r\nHost: x\r\n\r\n", [400]),
+    ("HTTP/2 preface", b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", [400]),
+    ("TLS ClientHello", TLS_CLIENT_HELLO, [408]),
+    ("NUL in a header value", b"GET /api/version HTTP/1.1\r\nHost: x\r\nX-A: a\x00b\r\n\r\n", [400]),
+    ("NUL in a header name", b"GET /api/version HTTP/1.1\r\nHost: x\r\nX\x00A: b\r\n\r\n", [400]),
+    ("header line without colon", b"GET /api/version HTTP/1.1\r\nHost: x\r\nNoColonHere\r\n\r\n", [400]),
+    ("negative Content-Length", b"POST /api/chat HTTP/1.1\r\nHost: x\r\nContent-Length: -5\r\n\r\n", [400]),
+    ("huge Content-Length", b"POST /api/chat HTTP/1.1\r\nHost: x\r\nContent-Length: " + b"9" * 30 + b"\r\n\r\n", [413]),
+    ("two Content-Lengths", b"POST /api/chat HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\n{}", [400]),
+    (
+        "chunked and Content-Length",
+        b"POST /api/show HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nContent-Length: 5\r\n\r\n"
+        b"2\r\n{}\r\n0\r\n\r\n",
+        [400],
+    ),
+    (
+        "chunk size not hex",
+        b"POST /api/show HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n2\r\n{}\r\nzz\r\n",
+        [400],
+    ),
+    (
+        "pipelined, the second broken",
+        b"GET /api/version HTTP/1.1\r\nHost: x\r\n\r\nGET / HTTP/1.1 junk\r\n\r\n",
+        [200, 400],
+    ),
+]
+
+
+class MalformedHttpTests(TestCase):
+    async def test_malformed_requests_leave_the_proxy_healthy(self) -> None:
+        """
+        Malformed HTTP on a real socket gets a 4xx (408 for bytes that never
+        form a line, after the header deadline) and a closed connection;
+        after each, /health answers and the CSV parses with every row
+        complete.  Requests that reached the proxy's resource (too large, a
+        bad chunk, the good half of a pipeline) have their row.
+        """
+        self.patch(ProxyChannel, "headerTimeout", 0.5)
+        proxy = LiveProxy(self)
+        http = client(self)
+        for name, payload, statuses in MALFORMED:
+            raw, closed = await raw_exchange(proxy.port, payload)
+            self.assertTrue(closed, name)
+            answers = [int(line[9:12]) for line in raw.split(b"\r\n") if line.startswith(b"HTTP/1.1 ")]
+            self.assertEqual(answers, statuses, f"{name}: {raw!r}")
+            health = await http.get(proxy.url + "/health")
+            self.assertEqual(health.code, 200, name)
+            await health.content()
+            with open(proxy.csv, newline="", encoding="utf-8") as f:
+                table = list(csv.reader(f))
+            self.assertEqual(table[0], list(COLUMNS), name)
+            self.assertTrue(all(len(row) == len(COLUMNS) for row in table), name)
+        self.assertEqual(
+            [(r["http_method"], r["endpoint"], r["http_status"], r["error_message"]) for r in proxy.rows()],
+            [
+                ("POST", "/api/chat", "413", "request body is larger than the limit of 104857600 bytes"),
+                ("POST", "/api/show", "400", "malformed chunked request body"),
+                ("GET", "/api/version", "200", ""),
+            ],
+        )

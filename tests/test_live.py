@@ -239,3 +239,78 @@ class OfficialClientTests(TestCase):
         self.assertEqual([row["endpoint"] for row in rows], ["/v1/chat/completions", "/v1/chat/completions", "/v1/embeddings", "/v1/models"])
         self.assertEqual((rows[1]["stream_mode"], rows[1]["output_tokens"]), ("true", "4"))
         self.assertTrue(rows[1]["input_tokens"])
+
+
+class StreamedUploadTests(TestCase):
+    async def test_large_json_body_streams_and_is_still_read_for_the_log(self) -> None:
+        """
+        A 3 MB chat body (an image) goes to Ollama byte for byte, streamed
+        rather than collected, and the row still names its model and
+        parameters, read from the body as it passed.
+        """
+        import hashlib
+
+        proxy = LiveProxy(self)
+        body = json.dumps(
+            {
+                "model": "llama3.2",
+                "messages": [{"role": "user", "content": "what is this?", "images": ["QUFB" * 750_000]}],
+                "options": {"temperature": 0.5},
+                "stream": False,
+            }
+        ).encode()
+        response = await client(self).post(proxy.url + "/api/chat", data=body)
+        self.assertEqual(response.code, 200)
+        await response.content()
+        [received] = proxy.fake.received
+        self.assertEqual(received.body_length, len(body))
+        self.assertEqual(received.body_sha256, hashlib.sha256(body).hexdigest())
+        [row] = proxy.rows()
+        self.assertEqual(row["request_size_bytes"], str(len(body)))
+        self.assertEqual((row["model"], row["model_parameters"], row["stream_mode"]), ("llama3.2", '{"temperature":0.5}', "false"))
+
+    async def test_chunked_upload_streams_through(self) -> None:
+        """
+        A chunked request body (no Content-Length) reaches Ollama whole.
+        """
+        proxy = LiveProxy(self)
+        pieces = [b'{"model": "llama3.2", ', b'"prompt": "hi", ', b'"stream": false}']
+        with socket.create_connection(("127.0.0.1", proxy.port)) as raw:
+            raw.setblocking(False)
+            head = b"POST /api/generate HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+            raw.sendall(head)
+            for piece in pieces:
+                raw.sendall(b"%x\r\n%s\r\n" % (len(piece), piece))
+                await deferLater(reactor, 0.01, lambda: None)
+            raw.sendall(b"0\r\n\r\n")
+            reply = b""
+            for _ in range(200):
+                await deferLater(reactor, 0.01, lambda: None)
+                try:
+                    data = raw.recv(65536)
+                except BlockingIOError:
+                    continue
+                if not data:
+                    break
+                reply += data
+        self.assertTrue(reply.startswith(b"HTTP/1.1 200 OK"), reply[:100])
+        self.assertEqual(proxy.fake.received[0].body, b"".join(pieces))
+        [row] = proxy.rows()
+        self.assertEqual((row["model"], row["request_size_bytes"]), ("llama3.2", str(len(b"".join(pieces)))))
+
+
+class PoolingTests(TestCase):
+    async def test_upstream_connections_are_reused(self) -> None:
+        """
+        Sequential requests, even from different clients, share one
+        persistent upstream connection.
+        """
+        proxy = LiveProxy(self)
+        opened = []
+        build = proxy.fake_site.buildProtocol
+        self.patch(proxy.fake_site, "buildProtocol", lambda addr: opened.append(addr) or build(addr))
+        for _ in range(5):
+            response = await client(self).get(proxy.url + "/api/tags")
+            await response.content()
+        self.assertEqual(len(opened), 1)
+        self.assertEqual(len(proxy.fake.received), 5)

@@ -190,6 +190,21 @@ class MetricsTests(TestCase):
 
 
 class LabelBoundTests(SynchronousTestCase):
+    def test_hostile_model_names_cannot_break_a_scrape(self) -> None:
+        """
+        A model name with a lone surrogate or of absurd length still scrapes.
+        """
+        from prometheus_client import generate_latest
+
+        metrics = Metrics()
+        for model in ("bad\ud800name", "x" * 100_000):
+            metrics.request_finished(
+                RequestRecord(request_id="r", arrived_wall=0, arrived=0, ended=1, model=model, endpoint="/api/chat", http_status=200)
+            )
+        text = generate_latest(metrics.registry).decode()
+        self.assertIn("bad\\\\ud800name", text)
+        self.assertLess(len(text), 50_000)
+
     def test_models_past_the_limit_fold_into_other(self) -> None:
         """
         Label values stay bounded: model 101 and beyond count as "other",

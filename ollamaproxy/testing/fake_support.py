@@ -162,6 +162,10 @@ def decode_request(
         value, _ = json.JSONDecoder(parse_constant=_reject_constant).raw_decode(text)
     except json.JSONDecodeError as error:
         raise ApiError(400, _go_syntax_message(text, error), early=early) from None
+    except RecursionError:
+        # Go's decoder nests 10000 deep, Python's far less: past either
+        # limit, answer what Go answers past its own.
+        raise ApiError(400, "exceeded max depth", early=early) from None
     if value is None:
         return {}
     struct_name = go_type.rsplit(".", 1)[-1]
