@@ -234,7 +234,7 @@ class Exchange:
     def start(self) -> None:
         forwarder, request, record = self._forwarder, self._request, self.record
         self._arrive()
-        if forwarder.keys is not None:
+        if forwarder.keys is not None and not _is_cors_preflight(request):
             # Before the body is even looked at: a request without a key
             # costs the proxy as little as possible.
             name = forwarder.keys.identify(request.requestHeaders)
@@ -575,6 +575,8 @@ class Exchange:
                 b"x-request-id": [record.request_id.encode("ascii")],
             }
         )
+        if status == 401:
+            request.responseHeaders.setRawHeaders(b"www-authenticate", [b"Bearer"])
         if getattr(request, "body_complete", True) is False:
             request.close_after_response()
         record.response_size_bytes += len(body)
@@ -690,6 +692,17 @@ def _copy_response_headers(source: Headers, target: Headers, drop_length: bool) 
         if lower in _HOP_BY_HOP or (drop_length and lower == b"content-length"):
             continue
         target.setRawHeaders(name, values)
+
+
+def _is_cors_preflight(request: Request) -> bool:
+    """
+    A browser's CORS preflight carries no credentials by design and does
+    nothing; Ollama answers it (204 for allowed origins), so it passes
+    without a key, or browser-based tools could never send the real request.
+    """
+    return request.method == b"OPTIONS" and request.requestHeaders.hasHeader(
+        b"access-control-request-method"
+    )
 
 
 def _header(request: Request, name: bytes) -> str:

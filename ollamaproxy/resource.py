@@ -59,6 +59,7 @@ class Root(Resource):
             return _local_error(request, 405, "method not allowed")
         keys = self._forwarder.keys
         if needs_key and keys is not None and keys.identify(request.requestHeaders) is None:
+            request.setHeader(b"www-authenticate", b"Bearer")
             return _local_error(request, 401, "missing or invalid API key")
         return resource.render(request)
 

@@ -64,7 +64,7 @@ def family(path: bytes) -> Family:
     return Family.NATIVE
 
 
-_OPENAI_TYPES = {400: "invalid_request_error", 404: "not_found_error"}
+_OPENAI_TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 404: "not_found_error"}
 _ANTHROPIC_TYPES = {
     400: "invalid_request_error",
     401: "authentication_error",

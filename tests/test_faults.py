@@ -565,90 +565,129 @@ def chunked_body(raw: bytes) -> tuple[bytes, bytes]:
     return head, b"".join(body)
 
 
+def proxy_held(proxy: LiveProxy) -> int:
+    """
+    Bytes the proxy holds in user space for its clients, not yet sent.
+    """
+    return sum(write_buffered(channel.transport) for channel in proxy.service.site.channels)
+
+
+def upstream_paused(proxy: LiveProxy) -> bool:
+    """
+    Whether the proxy has a response body coming from Ollama and is not
+    reading its socket (it is out of the reactor's readers).
+    """
+    transports = [
+        exchange._upstream_body._producer
+        for exchange in proxy.service.forwarder.active
+        if exchange._upstream_body is not None
+    ]
+    return bool(transports) and all(t not in reactor.getReaders() for t in transports)
+
+
+async def congested(proxy: LiveProxy) -> None:
+    """
+    Cap the send buffer of the proxy's sockets to its clients at 64 kB, as
+    on a congested network: left alone, Linux grows it to 4 MB and soaks up
+    a whole response in the kernel.
+    """
+    assert await eventually(lambda: proxy.service.site.channels)
+    for channel in proxy.service.site.channels:
+        channel.transport.getHandle().setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 65536)
+
+
+def generate_request(tokens: int, close: bool = False) -> bytes:
+    body = b'{"model":"llama3.2","prompt":"x","options":{"num_predict":%d}}' % tokens
+    return (
+        b"POST /api/generate HTTP/1.1\r\nHost: proxy\r\n%sContent-Type: application/json\r\n"
+        b"Content-Length: %d\r\n\r\n%s" % (b"Connection: close\r\n" if close else b"", len(body), body)
+    )
+
+
 class SlowReaderTests(TestCase):
     async def test_slow_reader_does_not_make_the_proxy_buffer(self) -> None:
         """
         A client that reads a multi-megabyte stream at a trickle makes the
         proxy stop reading Ollama, not buffer the response.
 
-        The proxy's socket to the client gets a 64 kB send buffer (as on a
-        congested network; left alone, Linux would grow it to 4 MB and soak
-        up the whole response in the kernel).  The fake writes the whole
-        ~3 MB stream at once.  While the client is paused, then reads one
-        socket read (at most 64 kB) at a time, ten times, this test measures:
-        the bytes the proxy holds for the client in user space (its client
-        transport's write buffer), which must stay under 512 kB; whether the
-        proxy's upstream socket is read at all (it must stay out of the
-        reactor's readers, so the rest of the stream waits in the kernel's
-        buffers between Ollama and the proxy, not in the proxy); that the response has not ended; and the
-        test process's RSS from the first pause to the end of trickling,
-        which must grow by less than 4 MB.  Afterwards the client reads
-        everything: every line arrives, and the row is a clean 200.
+        The proxy's socket to the client is L{congested}; the fake writes
+        the whole ~3 MB stream at once.  While the client is paused, then
+        reads one socket read (at most 64 kB) at a time, ten times, this test
+        measures: the bytes the proxy holds for the client in user space
+        (its client transport's write buffer), which must stay under 512 kB;
+        whether the proxy reads its upstream socket at all (it must stay out
+        of the reactor's readers, so the rest of the stream waits in the
+        kernel's buffers between Ollama and the proxy, not in the proxy);
+        that the response has not ended; and the test process's RSS from the
+        first pause to the end of trickling, which must grow by less than
+        4 MB.  Afterwards the client reads everything: every line arrives,
+        and the row is a clean 200.
         """
         import psutil
 
         tokens = 30_000
         proxy = LiveProxy(self, args=["--grace-period", "0.5"])
-        fake_protocols: list[Any] = []
-        build = proxy.fake_site.buildProtocol
-
-        def remember(addr: Any) -> Any:
-            protocol = build(addr)
-            fake_protocols.append(protocol)
-            return protocol
-
-        proxy.fake_site.buildProtocol = remember  # type: ignore[method-assign]
-        body = (b'{"model":"llama3.2","prompt":"x","options":{"num_predict":%d}}' % tokens)
-        request = (
-            b"POST /api/generate HTTP/1.1\r\nHost: proxy\r\nConnection: close\r\n"
-            b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
-        )
-        reader = await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", proxy.port), SlowReader(request))
-
-        def upstream_transport() -> Any:
-            [exchange] = proxy.service.forwarder.active or [None]
-            return exchange and exchange._upstream_body and exchange._upstream_body._producer
-
-        def proxy_held() -> int:
-            return sum(write_buffered(c.transport) for c in proxy.service.site.channels)
-
-        def upstream_paused() -> bool:
-            transport = upstream_transport()
-            return transport is not None and transport not in reactor.getReaders()
-
-        self.assertTrue(await eventually(lambda: proxy.service.site.channels))
-        for channel in proxy.service.site.channels:
-            channel.transport.getHandle().setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 65536)
-        self.assertTrue(await eventually(lambda: proxy.fake.received and proxy.service.forwarder.active
-                                         and proxy.service.forwarder.active.copy().pop()._upstream_body, 15.0))
-        self.assertTrue(await eventually(upstream_paused, 5.0), "the proxy kept reading Ollama")
+        endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", proxy.port)
+        reader = await connectProtocol(endpoint, SlowReader(generate_request(tokens, close=True)))
+        await congested(proxy)
+        self.assertTrue(await eventually(lambda: upstream_paused(proxy), 15.0), "the proxy kept reading Ollama")
         rss_paused = psutil.Process().memory_info().rss
         held: list[int] = []
         for _ in range(10):
             await reader.read_a_little()
             await pause(0.02)
-            held.append(proxy_held())
-            self.assertTrue(await eventually(upstream_paused, 1.0), "the proxy kept reading Ollama")
+            held.append(proxy_held(proxy))
+            self.assertTrue(await eventually(lambda: upstream_paused(proxy), 1.0), "the proxy kept reading Ollama")
             self.assertEqual(proxy.rows(), [], "the response ended while the client was paused")
-        fake_held = sum(write_buffered(p._channel.transport) for p in fake_protocols)
         rss_trickled = psutil.Process().memory_info().rss
         self.assertLess(max(held), 512 * 1024, held)
         self.assertLess(rss_trickled - rss_paused, 4 * 1024 * 1024)
         trickled = reader.received
-        rest = reader.read_the_rest()
-        await within(rest, 10.0)
+        await within(reader.read_the_rest(), 10.0)
         head, streamed = chunked_body(b"".join(reader.data))
-        lines = streamed.splitlines()
         self.assertTrue(head.startswith(b"HTTP/1.1 200 "))
-        self.assertEqual(len(lines), tokens)
+        self.assertEqual(len(streamed.splitlines()), tokens)
         [row] = await rows(proxy, 1)
         self.assertEqual((row["http_status"], row["error_message"], row["output_tokens"]), ("200", "", str(tokens)))
         self.assertEqual(int(row["response_size_bytes"]), len(streamed))
         print(
             f"\nslow reader: response {len(streamed)} B, client read {trickled} B while trickling, "
-            f"proxy held max {max(held)} B, fake held {fake_held} B, "
-            f"RSS {rss_paused >> 10} kB when paused -> {rss_trickled >> 10} kB after trickling"
+            f"proxy held max {max(held)} B, RSS {rss_paused >> 10} kB when paused -> "
+            f"{rss_trickled >> 10} kB after trickling"
         )
+
+    async def test_slow_reader_of_pipelined_responses(self) -> None:
+        """
+        A slow reader that pipelines two large requests does not make the
+        proxy buffer the second response either: it starts while the
+        client's connection is still full of the first, and must be paused
+        from its first byte (the transport will not say "full" again).
+        Measured as above: the proxy's buffered bytes for the client stay
+        under 512 kB and its upstream socket is not read while the second
+        response waits.
+        """
+        tokens = 15_000
+        proxy = LiveProxy(self, args=["--grace-period", "0.5"])
+        endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", proxy.port)
+        pipelined = generate_request(tokens) + generate_request(tokens, close=True)
+        reader = await connectProtocol(endpoint, SlowReader(pipelined))
+        await congested(proxy)
+        for _ in range(200):
+            if len(proxy.fake.received) == 2 and upstream_paused(proxy):
+                break
+            await reader.read_a_little()
+        self.assertEqual(len(proxy.fake.received), 2)
+        held: list[int] = []
+        for _ in range(5):
+            await pause(0.02)
+            held.append(proxy_held(proxy))
+            self.assertTrue(upstream_paused(proxy), "the proxy kept reading Ollama")
+            await reader.read_a_little()
+        self.assertLess(max(held), 512 * 1024, held)
+        await within(reader.read_the_rest(), 10.0)
+        found = await rows(proxy, 2)
+        self.assertEqual([(r["http_status"], r["output_tokens"]) for r in found], [("200", str(tokens))] * 2)
+        print(f"\npipelined slow reader: proxy held max {max(held)} B during the second response")
 
 
 # Log faults.

@@ -87,6 +87,26 @@ class ApiKeyTests(SynchronousTestCase):
                 self.assertEqual(proxy.fake.received, [], where)
                 record = proxy.records.only
                 self.assertEqual((record.http_status, record.api_key_name), (401, ""), where)
+                self.assertEqual(response.headers.getRawHeaders(b"www-authenticate"), [b"Bearer"], where)
+
+    def test_cors_preflight_passes_without_a_key(self) -> None:
+        """
+        A browser's CORS preflight (OPTIONS with Access-Control-Request-Method)
+        carries no credentials; it reaches Ollama, which answers it.  A plain
+        OPTIONS still needs a key.
+        """
+        proxy = InMemoryProxy(keys=ApiKeys(KEYS))
+        preflight = proxy.send(
+            self, "OPTIONS", "/api/chat",
+            headers={b"origin": [b"http://localhost:8080"], b"access-control-request-method": [b"POST"]},
+        )
+        proxy.read(self, preflight)
+        self.assertEqual([r.method for r in proxy.fake.received], [b"OPTIONS"])
+        self.assertNotEqual(preflight.code, 401)
+        plain = proxy.send(self, "OPTIONS", "/api/chat")
+        proxy.read(self, plain)
+        self.assertEqual(plain.code, 401)
+        self.assertEqual(len(proxy.fake.received), 1)
 
     def test_bearer_and_x_api_key_are_accepted_and_not_forwarded(self) -> None:
         """
