@@ -38,6 +38,7 @@ import json
 import math
 import os
 import platform
+import re
 import signal
 import statistics
 import subprocess
@@ -61,6 +62,8 @@ CONCURRENCIES = (1, 32)
 
 @dataclass(frozen=True)
 class Plan:
+    """How much of each load a run sends."""
+
     rounds: int  # interleaved rounds of each load
     wrk_seconds: int  # one wrk run
     sequential: int  # single streams per target per round
@@ -176,19 +179,18 @@ def stream_rows(batches: list[Batch], names: list[str], plan: Plan) -> list[Row]
         label = "1 stream" if c == 1 else f"{c} streams"
         mine = [b for b in batches if b.concurrency == c]
         ok = [r for b in mine for r in b.results if r.ok]
-        figures = (
-            ("TTFB", "p50", lambda n: percentile((r.ttfb for r in ok if r.target == n), 50), False),
-            ("TTFB", "p99", lambda n: percentile((r.ttfb for r in ok if r.target == n), 99), c > 1),
-            ("line gap", "p99", lambda n: percentile(
-                (g for r in ok if r.target == n for g in r.gaps), 99), True),
-            ("line gap", "max", lambda n: max(
-                (g for r in ok if r.target == n for g in r.gaps), default=float("nan")), False),
+        ttfb = {n: [r.ttfb for r in ok if r.target == n] for n in names}
+        gaps = {n: [g for r in ok if r.target == n for g in r.gaps] for n in names}
+        figures = (  # (figure, value per target, checked against "+< 1 ms")
+            ("TTFB p50", {n: percentile(ttfb[n], 50) for n in names}, False),
+            ("TTFB p99", {n: percentile(ttfb[n], 99) for n in names}, c > 1),
+            ("line gap p99", {n: percentile(gaps[n], 99) for n in names}, True),
+            ("line gap max", {n: max(gaps[n], default=math.nan) for n in names}, False),
         )
-        for what, stat, value, checked in figures:
-            v = {n: value(n) for n in names}
-            more = {n: v[n] - v["direct"] for n in names[1:]}
+        for what, value, checked in figures:
+            more = {n: value[n] - value["direct"] for n in names[1:]}
             rows.append(Row(
-                f"{what} {stat}, {label} (ms)", {n: _ms(x) for n, x in v.items()},
+                f"{what}, {label} (ms)", {n: _ms(x) for n, x in value.items()},
                 {n: _plus_ms(x) for n, x in more.items()},
                 "+< 1 ms" if checked else "", more["proxy"] < 1e-3 if checked else None,
             ))
@@ -258,15 +260,18 @@ def machine() -> dict[str, Any]:
                 model = line.partition(":")[2].strip()
                 break
     versions = {}
-    for tool, argv in (("wrk", ["wrk", "-v"]), ("nginx", ["nginx", "-v"])):
+    for tool in ("wrk", "nginx"):
         try:
-            done = subprocess.run(argv, capture_output=True, text=True, timeout=10)
-            versions[tool] = (done.stdout + done.stderr).splitlines()[0]
-        except (OSError, IndexError):
+            done = subprocess.run([tool, "-v"], capture_output=True, text=True, timeout=10)
+        except OSError:
             versions[tool] = "not installed"
+            continue
+        version = re.search(r"\d+\.\d+[.\w+-]*", done.stdout + done.stderr)
+        versions[tool] = version[0] if version else "unknown"
     return {
         "cpu": model, "cores": os.cpu_count(), "python": platform.python_version(),
-        "twisted": twisted.__version__, **versions, "load average": os.getloadavg(),
+        "twisted": twisted.__version__, **versions,
+        "load average": " ".join(f"{x:.2f}" for x in os.getloadavg()),
     }
 
 
@@ -369,6 +374,7 @@ def main(argv: list[str] | None = None) -> None:
           f"load average now {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
 
     if args.json:
+        os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
         with open(args.json, "w") as f:
             json.dump({
                 "machine": about, "plan": asdict(plan), "seconds": elapsed,
@@ -386,4 +392,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        main()
+    except KeyboardInterrupt:  # the servers are already stopped
+        sys.exit(130)

@@ -18,12 +18,12 @@ from typing import Any, Callable, Mapping
 from urllib.parse import urlsplit
 
 from twisted.internet.endpoints import serverFromString
-from twisted.internet.testing import MemoryReactor
 
 from .auth import parse_key
 from .upstream import Upstream
 
 MiB = 1024 * 1024
+LISTEN_BACKLOG = 1024
 
 
 class ConfigError(ValueError):
@@ -146,7 +146,8 @@ def parse_upstream(text: str) -> Upstream:
 
 def _listen(text: str) -> str:
     try:
-        serverFromString(MemoryReactor(), text)
+        # Parsing only: the endpoint keeps the reactor and does nothing yet.
+        serverFromString(object(), text)
     except Exception as e:
         raise ValueError(f"{text!r} is not a server endpoint ({e})") from None
     return text
@@ -313,10 +314,12 @@ def listen_endpoints(values: Mapping[str, Any]) -> list[str]:
     if values["listen"]:
         return list(values["listen"])
     host = values["host"]
+    # Twisted's default backlog of 50 drops connections when many clients
+    # open at once (Ollama's Go server allows the kernel's maximum).
     if ":" in host:
         escaped = host.strip("[]").replace(":", r"\:")
-        return [f"tcp6:port={values['port']}:interface={escaped}"]
-    return [f"tcp:port={values['port']}:interface={host}"]
+        return [f"tcp6:port={values['port']}:interface={escaped}:backlog={LISTEN_BACKLOG}"]
+    return [f"tcp:port={values['port']}:interface={host}:backlog={LISTEN_BACKLOG}"]
 
 
 def exposed_endpoints(endpoints: list[str]) -> list[str]:

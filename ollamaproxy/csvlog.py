@@ -222,7 +222,7 @@ class CsvLog(Service):
         self._clock = clock
         self._wall = wall
         self._guard = guard_formulas
-        self._guarded = frozenset(
+        self._guarded = tuple(
             i for i, name in enumerate(COLUMNS) if name in OUTSIDE_TEXT_COLUMNS
         )
         self._max_bytes = max_bytes
@@ -378,13 +378,11 @@ class CsvLog(Service):
         if len(cells) != len(COLUMNS):
             raise ValueError(f"{len(cells)} cells, expected {len(COLUMNS)}")
         if self._guard:
-            guarded = self._guarded
-            cells = [
-                "'" + cell
-                if i in guarded and isinstance(cell, str) and cell.startswith(FORMULA_TRIGGERS)
-                else cell
-                for i, cell in enumerate(cells)
-            ]
+            cells = list(cells)
+            for i in self._guarded:
+                cell = cells[i]
+                if cell and isinstance(cell, str) and cell.startswith(FORMULA_TRIGGERS):
+                    cells[i] = "'" + cell
         line: str = self._writer.writerow(cells)
         # A lone surrogate (from a header decoded with surrogateescape) would
         # make the file invalid UTF-8; keep it visible as \udcxx instead.

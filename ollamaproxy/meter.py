@@ -25,6 +25,25 @@ from .record import ERROR_MESSAGE_LIMIT, RequestRecord
 # bytes are forwarded regardless, only their metrics are given up.
 RECORD_LIMIT = 16 * 1024 * 1024
 
+# The routes whose successful responses report tokens, durations or
+# mid-stream errors.  Anything else is read only when it is an error.
+METERED_PATHS = frozenset(
+    {
+        b"/api/generate",
+        b"/api/chat",
+        b"/api/embed",
+        b"/api/embeddings",
+        b"/api/pull",
+        b"/api/push",
+        b"/api/create",
+        b"/v1/chat/completions",
+        b"/v1/completions",
+        b"/v1/embeddings",
+        b"/v1/responses",
+        b"/v1/messages",
+    }
+)
+
 # JSON replies up to this size, with a Content-Length, are parsed whole.
 SMALL_DOCUMENT = 64 * 1024
 
@@ -73,6 +92,9 @@ def meter_for(
     The meter for a response to C{path} with this status, content type and
     length (L{None} when not announced).
     """
+    if status < 400 and path not in METERED_PATHS:
+        # Listings, model details, version: nothing in them for the log.
+        return Meter()
     kind = content_type.split(b";", 1)[0].strip().lower()
     if kind == b"application/x-ndjson":
         return NdjsonMeter(record)
@@ -347,19 +369,19 @@ def _worth_reading(events: bytes) -> bool:
 def _apply_event(record: RequestRecord, name: bytes, message: Mapping[str, Any]) -> None:
     if name in (b"response.completed", b"response.failed", b"response.incomplete"):
         response = message.get("response")
-        if isinstance(response, Mapping):
+        if isinstance(response, dict):
             apply_usage(record, response.get("usage"))
             apply_error(record, response.get("error"))
         return
     if name == b"message_start":
         inner = message.get("message")
-        if isinstance(inner, Mapping):
+        if isinstance(inner, dict):
             apply_usage(record, inner.get("usage"))
         return
     apply_usage(record, message.get("usage"))
     apply_error(record, message.get("error"))
     delta = message.get("delta")
-    if isinstance(delta, Mapping):
+    if isinstance(delta, dict):
         _apply_finish_reason(record, delta)
     _apply_finish_reason(record, message)
 
@@ -388,7 +410,7 @@ def apply_usage(record: RequestRecord, usage: object) -> None:
     Take an OpenAI (C{prompt_tokens}/C{completion_tokens}) or Responses and
     Anthropic (C{input_tokens}/C{output_tokens}) usage object.
     """
-    if not isinstance(usage, Mapping):
+    if not isinstance(usage, dict):
         return
     record.input_tokens = _count(
         usage.get("prompt_tokens", usage.get("input_tokens")), record.input_tokens
@@ -402,7 +424,7 @@ def apply_error(record: RequestRecord, error: object) -> None:
     """
     Take Ollama's C{"error": "text"} or the C{/v1} C{"error": {"message": ...}}.
     """
-    if isinstance(error, Mapping):
+    if isinstance(error, dict):
         error = error.get("message")
     if isinstance(error, str) and error:
         record.fail(error)
@@ -415,7 +437,7 @@ def _apply_finish_reason(record: RequestRecord, message: Mapping[str, Any]) -> N
             record.done_reason = reason
             return
     choices = message.get("choices")
-    if isinstance(choices, list) and choices and isinstance(choices[0], Mapping):
+    if isinstance(choices, list) and choices and isinstance(choices[0], dict):
         reason = choices[0].get("finish_reason")
         if isinstance(reason, str) and reason:
             record.done_reason = reason

@@ -16,8 +16,8 @@ and, through L{treq.testing}, the tests.
 
 from __future__ import annotations
 
+import os
 import time
-import uuid
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Sequence
 
@@ -206,7 +206,7 @@ class Exchange:
         self._path = path
         self._family = family(path)
         self.record = record = RequestRecord(
-            request_id=str(uuid.uuid4()),
+            request_id=new_request_id(),
             arrived_wall=forwarder.wall(),
             arrived=forwarder.monotonic(),
         )
@@ -692,6 +692,16 @@ def _copy_response_headers(source: Headers, target: Headers, drop_length: bool) 
         if lower in _HOP_BY_HOP or (drop_length and lower == b"content-length"):
             continue
         target.setRawHeaders(name, values)
+
+
+def new_request_id() -> str:
+    """
+    A random (version 4) UUID in its usual text form; formatting the hex
+    directly costs a third of C{str(uuid.uuid4())}.
+    """
+    h = os.urandom(16).hex()
+    variant = "89ab"[int(h[16], 16) & 3]
+    return f"{h[:8]}-{h[8:12]}-4{h[13:16]}-{variant}{h[17:20]}-{h[20:]}"
 
 
 def _is_cors_preflight(request: Request) -> bool:

@@ -134,16 +134,17 @@ class RequestRecord:
         """
         This record as CSV cells, in L{COLUMNS} order.
         """
-        arrived = self.arrived
-        ended = self.ended
-        queue_end = self.sent_upstream
-        if queue_end is None:
+        arrived, ended, sent = self.arrived, self.ended, self.sent_upstream
+        if sent is None:
             # Never sent upstream (refused, rejected, or left while queued):
             # the whole life of the request was spent before the upstream.
-            queue_end = ended
-        processing = None
-        if self.sent_upstream is not None:
-            processing = _span(self.sent_upstream, self.upstream_ended or ended)
+            queue_time = _between(arrived, ended)
+            processing_time = ""
+        else:
+            queue_time = _between(arrived, sent)
+            upstream_ended = self.upstream_ended
+            processing_time = _between(sent, ended if upstream_ended is None else upstream_ended)
+        stream_mode = self.stream_mode
         return [
             _timestamp(self.arrived_wall),
             self.request_id,
@@ -157,22 +158,22 @@ class RequestRecord:
             _int(self.total_tokens),
             str(self.request_size_bytes),
             str(self.response_size_bytes),
-            _ms(_span(arrived, queue_end)),
-            _ms(processing),
-            _ms(_span(arrived, ended)),
+            queue_time,
+            processing_time,
+            _between(arrived, ended),
             _int(self.http_status),
             self.error_message,
             self.model_parameters,
-            "" if self.stream_mode is None else ("true" if self.stream_mode else "false"),
+            "" if stream_mode is None else ("true" if stream_mode else "false"),
             _decimal(self.system_load_cpu, 1),
             _decimal(self.system_load_memory, 1),
             str(self.concurrent_requests),
             self.session_id,
-            _ms(_span(arrived, self.first_byte)),
+            _between(arrived, self.first_byte),
             _decimal(self.tokens_per_second, 2),
-            _ms(_ns_to_seconds(self.ollama_load_ns)),
-            _ms(_ns_to_seconds(self.ollama_prompt_eval_ns)),
-            _ms(_ns_to_seconds(self.ollama_eval_ns)),
+            _nanoseconds(self.ollama_load_ns),
+            _nanoseconds(self.ollama_prompt_eval_ns),
+            _nanoseconds(self.ollama_eval_ns),
             self.done_reason,
             self.api_key_name,
         ]
@@ -189,20 +190,21 @@ class RecordSink(Protocol):
         """
 
 
-def _span(start: float, end: float | None) -> float | None:
+def _between(start: float, end: float | None) -> str:
+    """
+    Milliseconds from C{start} to C{end} (seconds), never negative; empty
+    when C{end} never happened.
+    """
     if end is None:
-        return None
-    return max(0.0, end - start)
-
-
-def _ns_to_seconds(ns: int | None) -> float | None:
-    return None if ns is None else ns / 1e9
-
-
-def _ms(seconds: float | None) -> str:
-    if seconds is None:
         return ""
-    return f"{seconds * 1000:.3f}"
+    return f"{max(0.0, end - start) * 1000:.3f}"
+
+
+def _nanoseconds(value: int | None) -> str:
+    """
+    Ollama's integer nanoseconds as milliseconds; empty when not reported.
+    """
+    return "" if value is None else f"{value / 1e6:.3f}"
 
 
 def _decimal(value: float | None, places: int) -> str:

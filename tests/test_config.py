@@ -53,7 +53,7 @@ class PrecedenceTests(SynchronousTestCase):
         self.assertEqual((settings["port"], settings["host"]), (3001, "localhost"))
         self.assertEqual(settings["ollama-url"], Upstream(b"http://localhost:11434"))
         self.assertIsNone(settings["max-concurrent"])
-        self.assertEqual(listen_endpoints(settings), ["tcp:port=3001:interface=localhost"])
+        self.assertEqual(listen_endpoints(settings), ["tcp:port=3001:interface=localhost:backlog=1024"])
 
     def test_repeatable_options(self) -> None:
         """
@@ -160,7 +160,7 @@ class EntryPointTests(SynchronousTestCase):
         self.assertEqual(len(services), 1)
         self.assertIsInstance(services[0], ProxyService)
         self.assertEqual(services[0].forwarder.upstream, Upstream(b"http://127.0.0.1:9"))
-        self.assertEqual(services[0]._endpoints, ["tcp:port=3555:interface=localhost"])
+        self.assertEqual(services[0]._endpoints, ["tcp:port=3555:interface=localhost:backlog=1024"])
 
     def test_twist_plugin_from_any_directory(self) -> None:
         """

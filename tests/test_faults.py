@@ -3,7 +3,8 @@ Faults over real loopback sockets: an upstream that refuses, resets, hangs,
 talks garbage or drops pooled connections; clients that leave early or read
 slowly; a CSV log that cannot be written; and malformed HTTP.  Whatever
 happens, the client gets a truthful answer and the CSV exactly one truthful
-row per request.
+row per request.  (One backpressure case that sockets cannot produce on
+demand is driven in memory: L{PipelinedBackpressureTests}.)
 """
 
 from __future__ import annotations
@@ -19,22 +20,28 @@ from typing import Any, Callable
 
 import treq
 from treq.client import HTTPClient
+from treq.testing import RequestTraversalAgent
 from twisted.internet import reactor
+from twisted.internet.address import IPv4Address
 from twisted.internet.defer import CancelledError, Deferred, DeferredList
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+from twisted.internet.error import ConnectionDone
 from twisted.internet.protocol import Factory, Protocol
-from twisted.internet.task import deferLater
+from twisted.internet.task import Clock, deferLater
+from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
-from twisted.trial.unittest import TestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.client import Agent, FileBodyProducer, HTTPConnectionPool, ResponseFailed
 from twisted.web.http import _ChunkedTransferDecoder
 from twisted.web.http_headers import Headers
 
+from ollamaproxy.proxy import Exchange, Forwarder
 from ollamaproxy.record import COLUMNS
-from ollamaproxy.site import ProxyChannel
-from ollamaproxy.testing.fake_ollama import Fault
+from ollamaproxy.resource import Root
+from ollamaproxy.site import ProxyChannel, ProxySite
+from ollamaproxy.testing.fake_ollama import FakeOllama, Fault
 
-from .support import LiveProxy
+from .support import UPSTREAM, LiveProxy
 
 GENERATE = {"model": "llama3.2", "prompt": "Why is the sky blue?"}
 
@@ -222,12 +229,6 @@ async def raw_exchange(port: int, payload: bytes, wait: float = 3.0) -> tuple[by
     return protocol.received, closed_by_proxy
 
 
-def status_of(raw: bytes) -> int | None:
-    if not raw.startswith(b"HTTP/1.1 "):
-        return None
-    return int(raw[9:12])
-
-
 # Upstream faults.
 
 
@@ -401,6 +402,37 @@ class UpstreamFaultTests(TestCase):
         self.assertEqual(
             row["error_message"], "an error was encountered while running the model: fake runner failure"
         )
+
+
+class ShutdownFaultTests(TestCase):
+    async def test_shutdown_while_waiting_for_ollama(self) -> None:
+        """
+        At shutdown, past the grace period, a request still waiting for
+        Ollama's headers and one still queued behind it both get a 503
+        saying the proxy shut down, and rows that say the same (not a 502
+        from the cancelled upstream request).
+        """
+        proxy = LiveProxy(self, args=["--grace-period", "0.2", "--max-concurrent", "1"])
+        proxy.fake.inject(Fault.HANG_BEFORE_HEADERS)
+        http = client(self)
+        waiting = http.post(proxy.url + "/api/generate", json=GENERATE)
+        self.assertTrue(await eventually(lambda: len(proxy.fake.received) == 1))
+        queued = http.post(proxy.url + "/api/chat", json={"model": "llama3.2", "messages": []})
+        self.assertTrue(await eventually(lambda: proxy.service.forwarder.gate.queued == 1))
+        stopped = proxy.service.stopService()
+        for pending in (waiting, queued):
+            response = await within(pending, 2.0)
+            self.assertEqual(response.code, 503)
+            self.assertEqual((await response.json())["error"], "proxy shut down before the request finished")
+        await stopped
+        self.assertEqual(
+            sorted((r["endpoint"], r["http_status"], r["error_message"]) for r in proxy.rows()),
+            [
+                ("/api/chat", "503", "proxy shut down before the request finished"),
+                ("/api/generate", "503", "proxy shut down before the request finished"),
+            ],
+        )
+        self.assertEqual(len(proxy.fake.received), 1)
 
 
 # Client faults.
@@ -658,13 +690,12 @@ class SlowReaderTests(TestCase):
 
     async def test_slow_reader_of_pipelined_responses(self) -> None:
         """
-        A slow reader that pipelines two large requests does not make the
-        proxy buffer the second response either: it starts while the
-        client's connection is still full of the first, and must be paused
-        from its first byte (the transport will not say "full" again).
-        Measured as above: the proxy's buffered bytes for the client stay
-        under 512 kB and its upstream socket is not read while the second
-        response waits.
+        A slow reader that pipelines two large requests gets both responses
+        whole, while the proxy holds under 512 kB for it and does not read
+        Ollama while it waits, in the second response as in the first.
+        (That the second response is paused from its first byte when the
+        connection is already full is pinned in memory by
+        L{PipelinedBackpressureTests}.)
         """
         tokens = 15_000
         proxy = LiveProxy(self, args=["--grace-period", "0.5"])
@@ -672,22 +703,24 @@ class SlowReaderTests(TestCase):
         pipelined = generate_request(tokens) + generate_request(tokens, close=True)
         reader = await connectProtocol(endpoint, SlowReader(pipelined))
         await congested(proxy)
-        for _ in range(200):
-            if len(proxy.fake.received) == 2 and upstream_paused(proxy):
+        held: list[int] = []
+        for _ in range(300):
+            if len(proxy.fake.received) == 2:
                 break
             await reader.read_a_little()
-        self.assertEqual(len(proxy.fake.received), 2)
-        held: list[int] = []
-        for _ in range(5):
-            await pause(0.02)
             held.append(proxy_held(proxy))
-            self.assertTrue(upstream_paused(proxy), "the proxy kept reading Ollama")
+        self.assertEqual(len(proxy.fake.received), 2)
+        for _ in range(5):
+            self.assertTrue(await eventually(lambda: upstream_paused(proxy), 5.0), "the proxy kept reading Ollama")
+            held.append(proxy_held(proxy))
             await reader.read_a_little()
         self.assertLess(max(held), 512 * 1024, held)
         await within(reader.read_the_rest(), 10.0)
+        first, _, second = b"".join(reader.data).partition(b"0\r\n\r\nHTTP/1.1 ")
+        self.assertEqual(len(chunked_body(first + b"0\r\n\r\n")[1].splitlines()), tokens)
+        self.assertEqual(len(chunked_body(b"HTTP/1.1 " + second)[1].splitlines()), tokens)
         found = await rows(proxy, 2)
         self.assertEqual([(r["http_status"], r["output_tokens"]) for r in found], [("200", str(tokens))] * 2)
-        print(f"\npipelined slow reader: proxy held max {max(held)} B during the second response")
 
 
 # Log faults.
@@ -815,3 +848,70 @@ class MalformedHttpTests(TestCase):
                 ("GET", "/api/version", "200", ""),
             ],
         )
+
+
+class FullTransport(StringTransport):
+    """
+    A client connection whose peer reads nothing: like a TCP transport, it
+    tells its producer to pause once its buffer passes 64 kB, and, never
+    drained, never tells it to resume.
+    """
+
+    told_to_pause = False
+
+    def write(self, data: bytes) -> None:
+        super().write(data)
+        if self.producer is not None and not self.told_to_pause and len(self.value()) > 64 * 1024:
+            self.told_to_pause = True
+            self.producer.pauseProducing()
+
+    def writeSequence(self, data: Any) -> None:
+        self.write(b"".join(data))
+
+
+class PipelinedBackpressureTests(SynchronousTestCase):
+    def test_response_starting_on_a_full_connection_is_paused(self) -> None:
+        """
+        A response that starts while the client's connection is already
+        full (the client pipelined it behind a large response it is not
+        reading) is paused from its first byte: the transport said "full"
+        once, during the first response, and will not say it again, so
+        without this the second response would be buffered whole.
+        """
+        clock = Clock()
+        fake = FakeOllama(clock)
+        agent = RequestTraversalAgent(fake.resource())
+        forwarder = Forwarder(agent=agent, upstream=UPSTREAM, clock=clock, monotonic=clock.seconds)
+        site = ProxySite(Root(forwarder, {}), reactor=clock)
+        protocol = site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40000))
+        transport = FullTransport()
+        protocol.makeConnection(transport)
+        states: dict[bytes, str] = {}
+        pause_, resume_ = Exchange.pauseProducing, Exchange.resumeProducing
+
+        def pausing(exchange: Exchange) -> None:
+            states[exchange._request.uri] = "paused"
+            pause_(exchange)
+
+        def resuming(exchange: Exchange) -> None:
+            states[exchange._request.uri] = "producing"
+            resume_(exchange)
+
+        self.patch(Exchange, "pauseProducing", pausing)
+        self.patch(Exchange, "resumeProducing", resuming)
+        big = b'{"model":"llama3.2","prompt":"x","options":{"num_predict":2000}}'
+        small = b'{"model":"llama3.2","prompt":"x","options":{"num_predict":5}}'
+        protocol.dataReceived(
+            b"POST /api/generate?first HTTP/1.1\r\nContent-Length: %d\r\n\r\n%s"
+            b"POST /api/generate?second HTTP/1.1\r\nContent-Length: %d\r\n\r\n%s"
+            % (len(big), big, len(small), small)
+        )
+        for _ in range(20):
+            agent.flush()
+        # (The in-memory upstream ignores pauses, so both responses end.)
+        self.assertEqual([r.uri for r in fake.received], [b"/api/generate?first", b"/api/generate?second"])
+        self.assertTrue(transport.told_to_pause)
+        self.assertEqual(
+            states, {b"/api/generate?first": "paused", b"/api/generate?second": "paused"}
+        )
+        protocol.connectionLost(Failure(ConnectionDone()))
