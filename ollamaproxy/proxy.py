@@ -54,7 +54,7 @@ from .gate import Gate, QueueFull
 from .jsonfields import TopLevelFields
 from .meter import Meter, meter_for
 from .record import RecordSink, RequestRecord
-from .routes import BLOBS_PREFIX, Family, error_body, family
+from .routes import BLOBS_PREFIX, error_body, family
 from .site import BodyTooLarge, StreamingBody
 from .upstream import Upstream
 

@@ -10,7 +10,6 @@ import csv
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from treq.client import HTTPClient
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
@@ -18,7 +17,6 @@ from twisted.internet.protocol import Protocol
 from twisted.internet.task import deferLater
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
-from twisted.web.client import Agent, HTTPConnectionPool
 
 from ollamaproxy.record import COLUMNS
 
@@ -171,15 +169,6 @@ def csv_rows(path: str) -> list[list[str]]:
     for row in rows:
         assert len(row) == len(COLUMNS), f"{len(row)} cells, expected {len(COLUMNS)}: {row}"
     return rows[1:]
-
-
-def http_client(test: Any) -> HTTPClient:
-    """
-    A treq client on its own non-persistent pool, closed when the test ends.
-    """
-    pool = HTTPConnectionPool(reactor, persistent=False)
-    test.addCleanup(pool.closeCachedConnections)
-    return HTTPClient(Agent(reactor, pool=pool))
 
 
 def captured_log(test: Any) -> list[str]:

@@ -6,14 +6,17 @@ L{treq.testing}), and the proxy on real loopback sockets.
 from __future__ import annotations
 
 import json
+import socket
 from typing import Any
 
 import treq
+from treq.client import HTTPClient
 from treq.testing import RequestTraversalAgent, StubTreq
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
+from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.iweb import IResponse
 
 from ollamaproxy.auth import ApiKeys
@@ -131,6 +134,25 @@ class InMemoryProxy:
         return test.successResultOf(d)
 
 
+def http_client(test: Any) -> HTTPClient:
+    """
+    A treq client on its own non-persistent pool, closed when the test ends
+    (trial fails a test that leaves connections open).
+    """
+    pool = HTTPConnectionPool(reactor, persistent=False)
+    test.addCleanup(pool.closeCachedConnections)
+    return HTTPClient(Agent(reactor, pool=pool))
+
+
+def free_port() -> int:
+    """
+    A loopback port nothing listens on (for "connection refused").
+    """
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def in_reactor_thread(function: Any, *args: Any, **kwargs: Any) -> Deferred[Any]:
     """
     Run a blocking client call (httpx, the official clients) off the reactor
@@ -141,7 +163,7 @@ def in_reactor_thread(function: Any, *args: Any, **kwargs: Any) -> Deferred[Any]
     return deferToThread(function, *args, **kwargs)
 
 
-__all__ = ["InMemoryProxy", "Records", "UPSTREAM", "WALL", "in_reactor_thread", "inlineCallbacks", "reactor"]
+__all__ = ["InMemoryProxy", "LiveProxy", "Records", "UPSTREAM", "WALL", "free_port", "http_client", "in_reactor_thread"]
 
 
 class LiveProxy:

@@ -17,8 +17,8 @@ from twisted.web.http import HTTPChannel
 from ollamaproxy.record import COLUMNS
 from ollamaproxy.site import ProxyChannel
 
-from .rawhttp import RawClient, captured_log, connect, csv_rows, eventually, http_client
-from .support import LiveProxy
+from .rawhttp import RawClient, captured_log, connect, csv_rows, eventually
+from .support import LiveProxy, http_client
 
 LIMIT = 1000
 STATUS = COLUMNS.index("http_status")

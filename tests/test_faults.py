@@ -19,7 +19,6 @@ from io import BytesIO
 from typing import Any, Callable
 
 import treq
-from treq.client import HTTPClient
 from treq.testing import RequestTraversalAgent
 from twisted.internet import reactor
 from twisted.internet.address import IPv4Address
@@ -41,21 +40,11 @@ from ollamaproxy.resource import Root
 from ollamaproxy.site import ProxyChannel, ProxySite
 from ollamaproxy.testing.fake_ollama import FakeOllama, Fault
 
-from .support import UPSTREAM, LiveProxy
+from .support import UPSTREAM, LiveProxy, free_port, http_client
 
 GENERATE = {"model": "llama3.2", "prompt": "Why is the sky blue?"}
 
 
-def client(test: TestCase) -> HTTPClient:
-    pool = HTTPConnectionPool(reactor, persistent=False)
-    test.addCleanup(pool.closeCachedConnections)
-    return HTTPClient(Agent(reactor, pool=pool))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def pause(seconds: float) -> Deferred[None]:
@@ -239,7 +228,7 @@ class UpstreamFaultTests(TestCase):
         connection was refused, and so does the one row.
         """
         proxy = LiveProxy(self, args=["--ollama-url", f"http://127.0.0.1:{free_port()}"])
-        response = await client(self).post(proxy.url + "/api/generate", json=GENERATE)
+        response = await http_client(self).post(proxy.url + "/api/generate", json=GENERATE)
         self.assertEqual(response.code, 502)
         error = (await response.json())["error"]
         self.assertIn("unreachable: connection refused", error)
@@ -256,7 +245,7 @@ class UpstreamFaultTests(TestCase):
         """
         proxy = LiveProxy(self)
         proxy.fake.inject(Fault.RESET_BEFORE_HEADERS)
-        response = await client(self).post(proxy.url + "/api/generate", json=GENERATE)
+        response = await http_client(self).post(proxy.url + "/api/generate", json=GENERATE)
         self.assertEqual(response.code, 502)
         error = (await response.json())["error"]
         self.assertIn("closed the connection without responding", error)
@@ -272,7 +261,7 @@ class UpstreamFaultTests(TestCase):
         """
         proxy = LiveProxy(self, token_delay=0.01)
         proxy.fake.inject(Fault.RESET_MIDSTREAM, after_chunks=3)
-        response = await client(self).post(proxy.url + "/api/generate", json=GENERATE, unbuffered=True)
+        response = await http_client(self).post(proxy.url + "/api/generate", json=GENERATE, unbuffered=True)
         self.assertEqual(response.code, 200)
         received: list[bytes] = []
         with self.assertRaises(ResponseFailed):
@@ -295,7 +284,7 @@ class UpstreamFaultTests(TestCase):
         proxy.fake.inject(Fault.HANG_BEFORE_HEADERS)
         upstream_gone = proxy.fake.when_disconnected()
         started = time.monotonic()
-        response = await client(self).post(proxy.url + "/api/generate", json=GENERATE)
+        response = await http_client(self).post(proxy.url + "/api/generate", json=GENERATE)
         self.assertEqual(response.code, 504)
         self.assertLess(time.monotonic() - started, 2.0)
         error = (await response.json())["error"]
@@ -313,7 +302,7 @@ class UpstreamFaultTests(TestCase):
         proxy = LiveProxy(self, token_delay=0.01, args=["--idle-timeout", "0.3"])
         proxy.fake.inject(Fault.HANG_MIDSTREAM, after_chunks=2)
         upstream_gone = proxy.fake.when_disconnected()
-        response = await client(self).post(proxy.url + "/api/generate", json=GENERATE, unbuffered=True)
+        response = await http_client(self).post(proxy.url + "/api/generate", json=GENERATE, unbuffered=True)
         received: list[bytes] = []
         with self.assertRaises(ResponseFailed):
             await within(treq.collect(response, received.append), 2.0)
@@ -333,7 +322,7 @@ class UpstreamFaultTests(TestCase):
             upstream = RawServerFactory(server, self)
             proxy = LiveProxy(self, args=["--ollama-url", upstream.url, "--header-timeout", "10"])
             started = time.monotonic()
-            response = await client(self).get(proxy.url + "/api/tags")
+            response = await http_client(self).get(proxy.url + "/api/tags")
             self.assertLess(time.monotonic() - started, 2.0, server.__name__)
             self.assertEqual(response.code, 502, server.__name__)
             error = (await response.json())["error"]
@@ -354,7 +343,7 @@ class UpstreamFaultTests(TestCase):
         upstream = RawServerFactory(AnswersOnceThenDrops, self)
         upstream.seen = []
         proxy = LiveProxy(self, args=["--ollama-url", upstream.url])
-        http = client(self)
+        http = http_client(self)
         first = await http.get(proxy.url + "/api/version")
         self.assertEqual((first.code, await first.json()), (200, {"version": "0.12.6"}))
         second = await http.get(proxy.url + "/api/version?again")
@@ -388,7 +377,7 @@ class UpstreamFaultTests(TestCase):
         """
         proxy = LiveProxy(self, token_delay=0.01)
         proxy.fake.inject(Fault.MIDSTREAM_ERROR, after_chunks=2)
-        response = await client(self).post(proxy.url + "/api/chat", json={
+        response = await http_client(self).post(proxy.url + "/api/chat", json={
             "model": "llama3.2", "messages": [{"role": "user", "content": "Hi"}]})
         lines = (await response.content()).splitlines()
         self.assertEqual(response.code, 200)
@@ -414,7 +403,7 @@ class ShutdownFaultTests(TestCase):
         """
         proxy = LiveProxy(self, args=["--grace-period", "0.2", "--max-concurrent", "1"])
         proxy.fake.inject(Fault.HANG_BEFORE_HEADERS)
-        http = client(self)
+        http = http_client(self)
         waiting = http.post(proxy.url + "/api/generate", json=GENERATE)
         self.assertTrue(await eventually(lambda: len(proxy.fake.received) == 1))
         queued = http.post(proxy.url + "/api/chat", json={"model": "llama3.2", "messages": []})
@@ -492,7 +481,7 @@ class ClientFaultTests(TestCase):
         """
         proxy = LiveProxy(self, token_delay=0.02)
         upstream_gone = proxy.fake.when_disconnected()
-        response = await client(self).post(
+        response = await http_client(self).post(
             proxy.url + "/api/generate",
             json={**GENERATE, "options": {"num_predict": 10000}},
             unbuffered=True,
@@ -516,7 +505,7 @@ class ClientFaultTests(TestCase):
         request never reaches Ollama, not even once the slot is free.
         """
         proxy = LiveProxy(self, token_delay=0.02, args=["--max-concurrent", "1"])
-        http = client(self)
+        http = http_client(self)
         long = await http.post(
             proxy.url + "/api/generate",
             json={**GENERATE, "options": {"num_predict": 10000}},
@@ -736,7 +725,7 @@ class LogFaultTests(TestCase):
         a new file that parses, and health is back to ok.
         """
         proxy = LiveProxy(self)
-        http = client(self)
+        http = http_client(self)
         first = await http.get(proxy.url + "/api/version", headers={"X-Session-Id": "before"})
         await first.content()
         self.assertEqual([r["session_id"] for r in await rows(proxy, 1)], ["before"])
@@ -827,7 +816,7 @@ class MalformedHttpTests(TestCase):
         """
         self.patch(ProxyChannel, "headerTimeout", 0.5)
         proxy = LiveProxy(self)
-        http = client(self)
+        http = http_client(self)
         for name, payload, statuses in MALFORMED:
             raw, closed = await raw_exchange(proxy.port, payload)
             self.assertTrue(closed, name)

@@ -10,28 +10,17 @@ import socket
 import time
 
 import treq
-from treq.client import HTTPClient
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.task import deferLater
 from twisted.trial.unittest import TestCase
-from twisted.web.client import Agent, HTTPConnectionPool, ResponseFailed
+from twisted.web.client import ResponseFailed
 
 from ollamaproxy.testing.fake_ollama import Fault
 
-from .support import LiveProxy, in_reactor_thread
+from .support import LiveProxy, free_port, http_client, in_reactor_thread
 
 
-def client(test: TestCase) -> HTTPClient:
-    pool = HTTPConnectionPool(reactor, persistent=False)
-    test.addCleanup(pool.closeCachedConnections)
-    return HTTPClient(Agent(reactor, pool=pool))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class StreamingOverSocketsTests(TestCase):
@@ -41,7 +30,7 @@ class StreamingOverSocketsTests(TestCase):
         previous one, not all at the end.
         """
         proxy = LiveProxy(self, token_delay=0.1)
-        response = await client(self).post(
+        response = await http_client(self).post(
             proxy.url + "/api/generate",
             json={"model": "llama3.2", "prompt": "hi", "options": {"num_predict": 4}},
             unbuffered=True,
@@ -63,7 +52,7 @@ class StreamingOverSocketsTests(TestCase):
         """
         proxy = LiveProxy(self, token_delay=0.05)
         upstream_gone = proxy.fake.when_disconnected()
-        response = await client(self).post(
+        response = await http_client(self).post(
             proxy.url + "/api/chat",
             json={"model": "llama3.2", "messages": [{"role": "user", "content": "go"}], "options": {"num_predict": 1000}},
             unbuffered=True,
@@ -86,7 +75,7 @@ class StreamingOverSocketsTests(TestCase):
         """
         proxy = LiveProxy(self, token_delay=0.01)
         proxy.fake.inject(Fault.RESET_MIDSTREAM, after_chunks=2)
-        response = await client(self).post(
+        response = await http_client(self).post(
             proxy.url + "/api/generate", json={"model": "llama3.2", "prompt": "x"}, unbuffered=True
         )
         with self.assertRaises(ResponseFailed):
@@ -119,7 +108,7 @@ class UnreachableUpstreamTests(TestCase):
         where; /v1 routes get the OpenAI shape.
         """
         proxy = LiveProxy(self, args=["--ollama-url", f"http://127.0.0.1:{free_port()}"])
-        http = client(self)
+        http = http_client(self)
         native = await http.get(proxy.url + "/api/tags")
         self.assertEqual(native.code, 502)
         error = (await native.json())["error"]
@@ -259,7 +248,7 @@ class StreamedUploadTests(TestCase):
                 "stream": False,
             }
         ).encode()
-        response = await client(self).post(proxy.url + "/api/chat", data=body)
+        response = await http_client(self).post(proxy.url + "/api/chat", data=body)
         self.assertEqual(response.code, 200)
         await response.content()
         [received] = proxy.fake.received
@@ -310,7 +299,7 @@ class PoolingTests(TestCase):
         build = proxy.fake_site.buildProtocol
         self.patch(proxy.fake_site, "buildProtocol", lambda addr: opened.append(addr) or build(addr))
         for _ in range(5):
-            response = await client(self).get(proxy.url + "/api/tags")
+            response = await http_client(self).get(proxy.url + "/api/tags")
             await response.content()
         self.assertEqual(len(opened), 1)
         self.assertEqual(len(proxy.fake.received), 5)

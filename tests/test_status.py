@@ -10,24 +10,16 @@ import time
 
 import treq
 from prometheus_client.parser import text_string_to_metric_families
-from treq.client import HTTPClient
 from treq.testing import RequestTraversalAgent
-from twisted.internet import reactor
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase, TestCase
-from twisted.web.client import Agent, HTTPConnectionPool
 
 from ollamaproxy.metrics import MODEL_LABEL_LIMIT, Metrics
 from ollamaproxy.record import RequestRecord
 from ollamaproxy.testing.fake_ollama import FakeOllama
 
-from .support import LiveProxy
+from .support import LiveProxy, http_client
 
-
-def client(test: TestCase) -> HTTPClient:
-    pool = HTTPConnectionPool(reactor, persistent=False)
-    test.addCleanup(pool.closeCachedConnections)
-    return HTTPClient(Agent(reactor, pool=pool))
 
 
 def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -46,7 +38,7 @@ class HealthTests(TestCase):
         CSV row.
         """
         proxy = LiveProxy(self)
-        response = await client(self).get(proxy.url + "/health")
+        response = await http_client(self).get(proxy.url + "/health")
         self.assertEqual(response.code, 200)
         health = await response.json()
         self.assertEqual(health["status"], "ok")
@@ -57,7 +49,7 @@ class HealthTests(TestCase):
         self.assertTrue(health["log"]["writable"])
         self.assertEqual(health["in_flight"], 0)
         self.assertGreaterEqual(health["uptime_seconds"], 0)
-        ready = await client(self).get(proxy.url + "/health/ready")
+        ready = await http_client(self).get(proxy.url + "/health/ready")
         self.assertEqual(ready.code, 200)
         await ready.text()
         self.assertEqual(proxy.rows(), [])
@@ -69,11 +61,11 @@ class HealthTests(TestCase):
         """
         proxy = LiveProxy(self)
         await proxy.fake_port.stopListening()
-        health = await (await client(self).get(proxy.url + "/health")).json()
+        health = await (await http_client(self).get(proxy.url + "/health")).json()
         self.assertEqual(health["status"], "degraded")
         self.assertFalse(health["upstream"]["reachable"])
         self.assertIn("refused", health["upstream"]["error"].lower())
-        ready = await client(self).get(proxy.url + "/health/ready")
+        ready = await http_client(self).get(proxy.url + "/health/ready")
         self.assertEqual(ready.code, 503)
         self.assertIn("upstream not answering", (await ready.json())["reasons"][0])
 
@@ -83,7 +75,7 @@ class HealthTests(TestCase):
         traffic away.
         """
         proxy = LiveProxy(self, token_delay=0.05, args=["--grace-period", "5"])
-        http = client(self)
+        http = http_client(self)
         stream = await http.post(
             proxy.url + "/api/generate",
             json={"model": "llama3.2", "prompt": "x", "options": {"num_predict": 8}},
@@ -129,7 +121,7 @@ class ShutdownTests(TestCase):
         row is written whole, saying why.
         """
         proxy = LiveProxy(self, token_delay=0.2, args=["--grace-period", "0.3"])
-        stream = await client(self).post(
+        stream = await http_client(self).post(
             proxy.url + "/api/generate",
             json={"model": "llama3.2", "prompt": "x", "options": {"num_predict": 100}},
             unbuffered=True,
@@ -151,7 +143,7 @@ class ShutdownTests(TestCase):
         proxy = LiveProxy(self)
         await proxy.service.stopService()
         with self.assertRaises(Exception):
-            await client(self).get(proxy.url + "/health")
+            await http_client(self).get(proxy.url + "/health")
 
 
 class MetricsTests(TestCase):
@@ -161,7 +153,7 @@ class MetricsTests(TestCase):
         them by endpoint, model and status, with their tokens and durations.
         """
         proxy = LiveProxy(self)
-        http = client(self)
+        http = http_client(self)
         for _ in range(2):
             await (await http.post(proxy.url + "/api/chat", json={"model": "llama3.2", "messages": [{"role": "user", "content": "hi"}], "stream": False})).text()
         await (await http.post(proxy.url + "/api/embed", json={"model": "all-minilm", "input": "a b c"})).text()
