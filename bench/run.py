@@ -1,7 +1,7 @@
 """
 What it costs to put ollamaproxy in front of Ollama.
 
-    python bench/run.py [--quick] [--json FILE] [--no-nginx]
+    python bench/run.py [--quick] [--json FILE] [--no-nginx] [--no-twisted]
     python bench/run.py --profile
 
 Starts a fake Ollama (one token every 5 ms), the proxy in front of it (CSV
@@ -316,6 +316,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="a ~1 minute smoke run")
     parser.add_argument("--json", metavar="FILE", help="also write every figure to FILE")
     parser.add_argument("--no-nginx", action="store_true", help="skip the nginx reference")
+    parser.add_argument("--no-twisted", action="store_true",
+                        help="skip the twisted.web.proxy.ReverseProxyResource reference")
     parser.add_argument("--profile", action="store_true",
                         help="profile the proxy under small-request load instead")
     args = parser.parse_args(argv)
@@ -341,6 +343,8 @@ def main(argv: list[str] | None = None) -> None:
         targets: dict[str, Server] = {"direct": fake, "proxy": proxy}
         if not args.no_nginx and (nginx := servers.nginx("nginx", fake)):
             targets["nginx"] = nginx
+        if not args.no_twisted:
+            targets["twisted"] = servers.twisted("twisted", fake)
         names = list(targets)
 
         phase(f"1-2. small requests (GET {PATH}), wrk, {plan.rounds} rounds")

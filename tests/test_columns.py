@@ -373,3 +373,75 @@ class FileTests(SynchronousTestCase):
         self.assertEqual(len(frame), len(HOSTILE))
         self.assertEqual(list(frame["http_status"]), [404] * len(HOSTILE))
         self.assertEqual(frame["model"][5], HOSTILE[5] + "\nsecond line")
+
+
+class ReportOnProxyLogTests(SynchronousTestCase):
+    def test_report_reads_what_the_proxy_wrote(self) -> None:
+        """
+        The report, run on the CSV file the proxy wrote for a known set of
+        requests, counts them per model with their errors, tokens, times and
+        speeds.
+        """
+        import io
+
+        from ollamaproxy.report import main
+
+        logs = self.mktemp()
+        proxy = InMemoryProxy(token_delay=1.0, csv_dir=logs)
+        pending = [
+            proxy.start("POST", "/api/generate", {"model": "llama3.2", "prompt": "a", "options": {"num_predict": n}})
+            for n in (2, 4)
+        ]
+        pending.append(proxy.start("POST", "/api/embed", {"model": "all-minilm", "input": "one two three"}))
+        pending.append(proxy.start("POST", "/api/generate", {"model": "nope", "prompt": "x"}))
+        for _ in range(5):
+            proxy.advance(1.0)
+        for d in pending:
+            proxy.read(self, self.successResultOf(d))
+        out = io.StringIO()
+        self.assertEqual(main(["--format", "json", logs], stdout=out, stderr=io.StringIO()), 0)
+        groups = {g["model"]: g for g in json.loads(out.getvalue())["groups"]}
+        llama = groups["llama3.2"]
+        self.assertEqual((llama["requests"], llama["errors"], llama["output_tokens"]), (2, 0, 6))
+        # Each token takes one second of the test clock: 2 s and 4 s.
+        self.assertEqual((llama["p50_total_ms"], llama["p50_ttft_ms"]), (3000.0, 1000.0))
+        self.assertEqual(llama["median_tokens_per_second"], 1.0)
+        self.assertEqual(groups["nope"]["errors"], 1)
+        self.assertIsNone(groups["all-minilm"]["output_tokens"])  # never reported
+        self.assertGreater(groups["all-minilm"]["input_tokens"], 0)
+
+
+class LongLineTests(SynchronousTestCase):
+    def test_an_8_mb_line_passes_whole_and_is_read(self) -> None:
+        """
+        A single 8 MB NDJSON line (a final line with a huge context array)
+        reaches the client intact, however the network cuts it, and its
+        counts still reach the row.
+        """
+        from twisted.web.resource import Resource
+        from twisted.web.server import NOT_DONE_YET
+        from treq.testing import RequestTraversalAgent
+
+        context = ",".join(["123456"] * 1_200_000)
+        final = (
+            '{"model":"m","response":"","done":true,"done_reason":"stop","context":[' + context + '],'
+            '"prompt_eval_count":7,"eval_count":1200000,"eval_duration":1000000000}\n'
+        ).encode()
+        self.assertGreater(len(final), 8 * 1024 * 1024)
+
+        class Upstream(Resource):
+            isLeaf = True
+
+            def render(self, request: Any) -> Any:
+                request.setHeader(b"content-type", b"application/x-ndjson")
+                request.write(b'{"model":"m","response":"hi","done":false}\n')
+                for start in range(0, len(final), 65536):
+                    request.write(final[start : start + 65536])
+                request.finish()
+                return NOT_DONE_YET
+
+        proxy = InMemoryProxy(upstream_agent=RequestTraversalAgent(Upstream()))
+        body = proxy.read(self, proxy.send(self, "POST", "/api/generate", {"model": "m", "prompt": "x"}))
+        self.assertEqual(body, b'{"model":"m","response":"hi","done":false}\n' + final)
+        r = row(proxy.records.only)
+        self.assertEqual((r["input_tokens"], r["output_tokens"], r["done_reason"]), ("7", "1200000", "stop"))

@@ -58,4 +58,6 @@ def makeService(options: Options) -> IService:
         max_pending=options["max-pending"],
         check_host=loopback and not options["no-host-check"],
     )
-    return TCPServer(options["port"], Site(fake.resource()), interface=options["host"])
+    # Go lets the kernel queue as many connections as it allows; Twisted
+    # defaults to 50, which drops SYNs when many clients connect at once.
+    return TCPServer(options["port"], Site(fake.resource()), backlog=1024, interface=options["host"])
