@@ -16,10 +16,9 @@ and, through L{treq.testing}, the tests.
 
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Sequence
 
 from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.internet.error import (
@@ -29,7 +28,7 @@ from twisted.internet.error import (
     TCPTimedOutError,
     TimeoutError,
 )
-from twisted.internet.interfaces import IConsumer, IDelayedCall, IPushProducer, IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -41,6 +40,7 @@ from twisted.web.server import Request
 from zope.interface import implementer
 
 from .auth import ApiKeys
+from .bodies import BytesProducer, with_usage_requested
 from .facts import (
     USAGE_INJECTABLE,
     WANTED_FIELDS,
@@ -51,38 +51,16 @@ from .facts import (
 )
 from .forwarded import ClientAddress, peer_address
 from .gate import Gate, QueueFull
+from .headers import copy_response_headers, is_cors_preflight, upstream_headers
 from .jsonfields import TopLevelFields
 from .meter import Meter, meter_for
-from .record import RecordSink, RequestRecord
+from .record import RecordSink, RequestRecord, new_request_id
 from .routes import BLOBS_PREFIX, error_body, family
 from .site import BodyTooLarge, StreamingBody
 from .upstream import Upstream
 
 log = Logger()
 
-_HOP_BY_HOP = frozenset(
-    {
-        b"connection",
-        b"keep-alive",
-        b"proxy-authenticate",
-        b"proxy-authorization",
-        b"proxy-connection",
-        b"te",
-        b"trailer",
-        b"trailers",
-        b"transfer-encoding",
-        b"upgrade",
-    }
-)
-# Request headers the proxy sets itself (Host names the upstream, the agent
-# frames the body) or has already dealt with (Expect: 100-continue).
-_NOT_FORWARDED = _HOP_BY_HOP | {
-    b"host",
-    b"content-length",
-    b"expect",
-    b"x-forwarded-host",
-    b"x-forwarded-proto",
-}
 _STREAMING_TYPES = (b"application/x-ndjson", b"text/event-stream")
 
 
@@ -154,30 +132,6 @@ class Forwarder:
                 waiter.callback(None)
 
 
-@implementer(IBodyProducer)
-class BytesProducer:
-    """
-    A body that is all here already: written in one go, no cooperator.
-    """
-
-    def __init__(self, body: bytes) -> None:
-        self._body = body
-        self.length = len(body)
-
-    def startProducing(self, consumer: IConsumer) -> Deferred[None]:
-        consumer.write(self._body)
-        return succeed(None)
-
-    def pauseProducing(self) -> None:
-        pass
-
-    def resumeProducing(self) -> None:
-        pass
-
-    def stopProducing(self) -> None:
-        pass
-
-
 class _UpstreamBody(Protocol):
     def __init__(self, exchange: Exchange) -> None:
         self._exchange = exchange
@@ -234,7 +188,7 @@ class Exchange:
     def start(self) -> None:
         forwarder, request, record = self._forwarder, self._request, self.record
         self._arrive()
-        if forwarder.keys is not None and not _is_cors_preflight(request):
+        if forwarder.keys is not None and not is_cors_preflight(request):
             # Before the body is even looked at: a request without a key
             # costs the proxy as little as possible.
             name = forwarder.keys.identify(request.requestHeaders)
@@ -381,7 +335,7 @@ class Exchange:
         content_type = (response.headers.getRawHeaders(b"content-type") or [b""])[0]
         length = response.length if isinstance(response.length, int) else None
         self._meter = meter_for(record, self._path, status, content_type, self._inject_usage, length)
-        _copy_response_headers(response.headers, request.responseHeaders, self._meter.alters_body)
+        copy_response_headers(response.headers, request.responseHeaders, self._meter.alters_body)
         record.stream_mode = content_type.split(b";", 1)[0].strip().lower() in _STREAMING_TYPES
         if self._timer is not None:
             self._timer.reset(self._forwarder.limits.idle_timeout)
@@ -643,76 +597,6 @@ class _Discard(Protocol):
 
     def connectionMade(self) -> None:
         self.transport.stopProducing()
-
-
-def with_usage_requested(body: bytes) -> bytes:
-    """
-    C{body}, a JSON object, with C{"stream_options":{"include_usage":true}}
-    added as its last member.  Go's decoder lets the last occurrence of a key
-    win, so this overrides whatever the client said about it.
-    """
-    inner = body.rstrip()[:-1].rstrip()
-    separator = b"" if inner.endswith(b"{") else b","
-    return inner + separator + b'"stream_options":{"include_usage":true}}'
-
-
-def upstream_headers(request: Request, peer: str, consumed: Iterable[bytes] = ()) -> Headers:
-    """
-    The headers to send upstream: the client's, minus hop-by-hop headers
-    (and any the C{Connection} header names), minus C{consumed} (the proxy's
-    own API key), plus the C{X-Forwarded-*} set, C{peer} (the connection's
-    other end, as every proxy in a chain does) appended to
-    C{X-Forwarded-For}.  Host is left to the agent, which names the
-    upstream, since Ollama on loopback refuses other hosts.
-    """
-    incoming = request.requestHeaders
-    skip = set(_NOT_FORWARDED)
-    skip.update(consumed)
-    for value in incoming.getRawHeaders(b"connection", ()):
-        skip.update(token.strip().lower() for token in value.split(b","))
-    outgoing = Headers()
-    for name, values in incoming.getAllRawHeaders():
-        if name.lower() not in skip:
-            outgoing.setRawHeaders(name, values)
-    forwarded_for = incoming.getRawHeaders(b"x-forwarded-for", [])
-    forwarded_for = b", ".join([*forwarded_for, peer.encode("utf-8", "replace")])
-    outgoing.setRawHeaders(b"x-forwarded-for", [forwarded_for])
-    host = incoming.getRawHeaders(b"host")
-    if host:
-        outgoing.setRawHeaders(b"x-forwarded-host", host[:1])
-    outgoing.setRawHeaders(b"x-forwarded-proto", [b"https" if request.isSecure() else b"http"])
-    return outgoing
-
-
-def _copy_response_headers(source: Headers, target: Headers, drop_length: bool) -> None:
-    for name in (b"server", b"content-type"):
-        target.removeHeader(name)
-    for name, values in source.getAllRawHeaders():
-        lower = name.lower()
-        if lower in _HOP_BY_HOP or (drop_length and lower == b"content-length"):
-            continue
-        target.setRawHeaders(name, values)
-
-
-def new_request_id() -> str:
-    """
-    A random (version 4) UUID in its usual text form; formatting the hex
-    directly costs a third of C{str(uuid.uuid4())}.
-    """
-    h = os.urandom(16).hex()
-    variant = "89ab"[int(h[16], 16) & 3]
-    return f"{h[:8]}-{h[8:12]}-4{h[13:16]}-{variant}{h[17:20]}-{h[20:]}"
-
-
-def _is_cors_preflight(request: Request) -> bool:
-    """
-    A browser's CORS preflight carries no credentials by design and does
-    nothing; Ollama answers it (204 for allowed origins), so it passes
-    without a key, or browser-based tools could never send the real request.
-    """
-    return request.method == b"OPTIONS" and request.requestHeaders.hasHeader(
-        b"access-control-request-method"
-    )
 
 
 def _header(request: Request, name: bytes) -> str:

@@ -27,9 +27,10 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.server import Request
 
+from ollamaproxy.bodies import with_usage_requested
 from ollamaproxy.csvlog import CsvLog
 from ollamaproxy.facts import USAGE_INJECTABLE
-from ollamaproxy.proxy import Forwarder, with_usage_requested
+from ollamaproxy.proxy import Forwarder
 from ollamaproxy.record import COLUMNS
 from ollamaproxy.resource import Root
 from ollamaproxy.site import ProxySite
