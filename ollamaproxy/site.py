@@ -12,9 +12,9 @@ backpressure both ways.
 
 This leans on a few attributes of L{HTTPChannel} that are not public API
 (C{_command}, C{_path}, C{_version}, C{_receivedHeaderSize},
-C{_handlingRequest}, C{_waitingForTransport}); C{tests/test_site.py} pins
-each of them (C{tests/test_faults.py} the last), so a Twisted
-release that changes them fails the suite instead of the proxy.
+C{_handlingRequest}, C{_waitingForTransport}, C{_buffer});
+C{tests/test_site.py} pins each of them, so a Twisted release that changes
+them fails the suite instead of the proxy.
 """
 
 from __future__ import annotations
