@@ -11,6 +11,7 @@ C{OLLAMAPROXY_} plus the option's name in capitals.
 from __future__ import annotations
 
 import ipaddress
+import math
 import os
 import re
 from dataclasses import dataclass
@@ -80,7 +81,7 @@ def _seconds(text: str) -> float:
         value = float(text)
     except ValueError:
         raise ValueError(f"{text!r} is not a number of seconds") from None
-    if not value > 0:
+    if not math.isfinite(value) or not value > 0:
         raise ValueError(f"{text} must be more than 0 seconds")
     return value
 
@@ -131,6 +132,8 @@ def parse_upstream(text: str) -> Upstream:
         raise ValueError(f"{text!r}: credentials in the URL are not supported")
     if parts.query or parts.fragment:
         raise ValueError(f"{text!r}: a query or fragment makes no sense here")
+    if not parts.path.isascii():
+        raise ValueError(f"{text!r}: percent-encode the path's non-ASCII characters")
     if parts.scheme == "https":
         try:
             import OpenSSL  # noqa: F401
@@ -242,6 +245,13 @@ SETTINGS: tuple[Setting, ...] = (
         "Believe X-Forwarded-For from this address or CIDR (repeatable; env: comma-separated)",
         env="OLLAMAPROXY_TRUSTED_PROXIES",
         repeatable=True,
+    ),
+    Setting(
+        "host-check",
+        "true",
+        _bool,
+        "When listening on loopback without API keys, refuse Host names Ollama itself "
+        "would refuse there (DNS rebinding protection) (true/false)",
     ),
     Setting(
         "open-status",

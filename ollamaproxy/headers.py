@@ -60,20 +60,25 @@ def upstream_headers(request: Request, peer: str, consumed: Iterable[bytes] = ()
     return outgoing
 
 
-def copy_response_headers(source: Headers, target: Headers, drop_length: bool) -> None:
+def copy_response_headers(source: Headers, target: Headers, length: int | None) -> None:
     """
     Ollama's response headers onto the client's response, minus hop-by-hop
-    ones (Twisted frames the body itself), and minus C{Content-Length} when
-    the body will be changed; Twisted's own C{Server} and default
-    C{Content-Type} go, since Ollama sends neither unless it means to.
+    ones; Twisted's own C{Server} and default C{Content-Type} go, since
+    Ollama sends neither unless it means to.
+
+    Twisted's HTTP client keeps a response's C{Content-Length} to itself
+    (it frames the body with it), so it is set again from C{length}: a reply
+    Ollama sent with a length reaches the client with that length, not
+    chunked.  L{None} leaves the framing to Twisted (chunked), for bodies
+    of unknown length or that the proxy changes.
     """
     for name in (b"server", b"content-type"):
         target.removeHeader(name)
     for name, values in source.getAllRawHeaders():
-        lower = name.lower()
-        if lower in HOP_BY_HOP or (drop_length and lower == b"content-length"):
-            continue
-        target.setRawHeaders(name, values)
+        if name.lower() not in HOP_BY_HOP:
+            target.setRawHeaders(name, values)
+    if length is not None:
+        target.setRawHeaders(b"content-length", [b"%d" % length])
 
 
 def is_cors_preflight(request: Request) -> bool:

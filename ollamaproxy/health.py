@@ -11,7 +11,7 @@ from typing import Any, Callable
 
 import treq
 from treq.client import HTTPClient
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
 from twisted.web.iweb import IAgent
@@ -72,7 +72,10 @@ class UpstreamProbe:
         self._waiters.append(waiter)
         if not self._probing:
             self._probing = True
-            Deferred.fromCoroutine(self._ask())
+            # treq's timeout covers only the wait for headers; this one covers
+            # a body that never ends as well.
+            probe = Deferred.fromCoroutine(self._ask())
+            probe.addTimeout(self._timeout, self._clock)
         return waiter
 
     async def _ask(self) -> None:
@@ -86,6 +89,8 @@ class UpstreamProbe:
             else:
                 version = json.loads(body).get("version")
                 result = ProbeResult(True, version=version if isinstance(version, str) else None)
+        except CancelledError:
+            result = ProbeResult(False, error=f"no answer within {self._timeout:g} s")
         except Exception as e:
             result = ProbeResult(False, error=_describe(e))
         self._latest = result
@@ -124,7 +129,8 @@ class HealthResource(_JsonResource):
     """
     C{GET /health}: 200 while the process runs; C{status} says C{ok} or
     C{degraded} (upstream not answering, or the CSV log failing).  Nothing
-    secret is shown: no keys, no client data.
+    secret is shown: no keys, no client data; and when C{shows_details}
+    says no (API keys on, none given), only the status.
     """
 
     def __init__(
@@ -134,6 +140,7 @@ class HealthResource(_JsonResource):
         csv_log: CsvLog,
         monotonic: Callable[[], float],
         draining: Callable[[], bool],
+        shows_details: Callable[[Request], bool] = lambda request: True,
     ) -> None:
         super().__init__()
         self._forwarder = forwarder
@@ -142,6 +149,7 @@ class HealthResource(_JsonResource):
         self._monotonic = monotonic
         self._started = monotonic()
         self._draining = draining
+        self._shows_details = shows_details
 
     def render_GET(self, request: Request) -> Any:
         self._probe.check().addCallback(self._answer, request)
@@ -171,6 +179,8 @@ class HealthResource(_JsonResource):
                 "rows_dropped": csv_log.rows_dropped,
             },
         }
+        if not self._shows_details(request):
+            payload = {"status": payload["status"]}
         self._reply(request, 200, payload)
 
 

@@ -56,7 +56,7 @@ from .jsonfields import TopLevelFields
 from .meter import Meter, meter_for
 from .record import RecordSink, RequestRecord, new_request_id
 from .routes import BLOBS_PREFIX, error_body, family
-from .site import BodyTooLarge, StreamingBody
+from .site import BodyTimedOut, BodyTooLarge, StreamingBody
 from .upstream import Upstream
 
 log = Logger()
@@ -68,6 +68,7 @@ _STREAMING_TYPES = (b"application/x-ndjson", b"text/event-stream")
 class Limits:
     header_timeout: float = 300.0
     idle_timeout: float = 300.0
+    client_timeout: float = 60.0
     max_body_bytes: int = 100 * 1024 * 1024
     inject_usage: bool = True
 
@@ -90,6 +91,7 @@ class Forwarder:
     monotonic: Callable[[], float] = time.monotonic
     wall: Callable[[], float] = time.time
     active: set[Exchange] = field(default_factory=set)
+    draining: bool = False
     _idle_waiters: list[Deferred[None]] = field(default_factory=list)
 
     def forward(self, request: Request, path: bytes) -> None:
@@ -180,6 +182,8 @@ class Exchange:
         self._meter: Meter = Meter()
         self._timer: IDelayedCall | None = None
         self._timed_out_waiting = False
+        self._client_paused = False
+        self._went_idle = False
         self._aborting = False
         self._done = False
 
@@ -188,6 +192,14 @@ class Exchange:
     def start(self) -> None:
         forwarder, request, record = self._forwarder, self._request, self.record
         self._arrive()
+        if forwarder.draining:
+            # A new request on a kept-alive connection while shutting down:
+            # refused, and the connection closed after the answer.
+            request.setHeader(b"connection", b"close")
+            if request.channel is not None:
+                request.channel.persistent = False
+            self._reject(503, "proxy is shutting down")
+            return
         if forwarder.keys is not None and not is_cors_preflight(request):
             # Before the body is even looked at: a request without a key
             # costs the proxy as little as possible.
@@ -276,8 +288,15 @@ class Exchange:
             if limit is not None and body.received > limit:
                 body.fail(Failure(BodyTooLarge(limit)))
 
+        def upload_progress(data: bytes) -> None:
+            # Ollama answers only once the body is in: while it is still
+            # coming, the wait for headers has not really begun.
+            if self._pending is not None and self._timer is not None:
+                self._timer.reset(self._forwarder.limits.header_timeout)
+
         body.observe(inspect)
         body.observe(enforce_limit)
+        body.observe(upload_progress)
         body.on_failure(self._body_failed)
 
     def _apply_facts(self, facts: RequestFacts) -> None:
@@ -335,7 +354,8 @@ class Exchange:
         content_type = (response.headers.getRawHeaders(b"content-type") or [b""])[0]
         length = response.length if isinstance(response.length, int) else None
         self._meter = meter_for(record, self._path, status, content_type, self._inject_usage, length)
-        copy_response_headers(response.headers, request.responseHeaders, self._meter.alters_body)
+        keep_length = length is not None and not self._meter.alters_body and request.method != b"HEAD"
+        copy_response_headers(response.headers, request.responseHeaders, length if keep_length else None)
         record.stream_mode = content_type.split(b";", 1)[0].strip().lower() in _STREAMING_TYPES
         if self._timer is not None:
             self._timer.reset(self._forwarder.limits.idle_timeout)
@@ -349,7 +369,7 @@ class Exchange:
     def _body_data(self, data: bytes) -> None:
         if self._done:
             return
-        if self._timer is not None:
+        if self._timer is not None and not self._client_paused:
             self._timer.reset(self._forwarder.limits.idle_timeout)
         self._write(self._meter.feed(data))
 
@@ -378,7 +398,7 @@ class Exchange:
             f"upstream connection lost after {record.response_size_bytes} bytes of the response"
         )
         if not request.startedWriting:
-            self._respond_error(502, record.error_message)
+            self._respond_error(504 if self._went_idle else 502, record.error_message)
         else:
             # Close without ending the body properly, so the client can tell
             # the response was cut short.
@@ -420,38 +440,51 @@ class Exchange:
 
     def _timed_out(self) -> None:
         """
-        The one timer: before the response headers it is the header
-        timeout, after them the idle timeout between body chunks.
+        The one timer: before the response headers it is the header timeout
+        (which an upload in progress keeps pushing back); after them, the
+        idle timeout between body chunks, or, while the client is not
+        reading, the client timeout.
         """
         self._timer = None
+        limits = self._forwarder.limits
         if self._pending is not None:
             self._timed_out_waiting = True
             self._pending.cancel()
-            return
-        limit = self._forwarder.limits.idle_timeout
-        self.record.fail(f"upstream sent nothing for {limit:g} s mid-response; gave up")
-        self._aborting = True
-        if self._upstream_body is not None:
-            self._upstream_body.stopProducing()
+        elif self._client_paused:
+            # Without this a client that stops reading would hold its slot,
+            # and Ollama's, for ever.
+            self.record.fail(f"client read nothing for {limits.client_timeout:g} s; gave up")
+            self._stop_upstream()
+            self._unregister()
+            if self._request.channel is not None:
+                self._request.channel.transport.abortConnection()
+            self._conclude()
+        else:
+            self.record.fail(f"upstream sent nothing for {limits.idle_timeout:g} s mid-response; gave up")
+            self._went_idle = True
+            self._aborting = True
+            if self._upstream_body is not None:
+                self._upstream_body.stopProducing()
 
     # The client's side.
 
     def pauseProducing(self) -> None:
         """
-        The client is not reading: stop reading the upstream, and stop the
-        idle clock, which is about the upstream's silence, not the client's.
+        The client is not reading: stop reading the upstream, and time the
+        client instead of the upstream.
         """
-        self._cancel_timer()
+        if self._done:
+            return
+        self._client_paused = True
+        self._set_timer(self._forwarder.limits.client_timeout)
         if self._upstream_body is not None:
             self._upstream_body.pauseProducing()
 
     def resumeProducing(self) -> None:
         if self._done:
             return
-        if self._timer is None and self._upstream_body is not None:
-            self._timer = self._forwarder.clock.callLater(
-                self._forwarder.limits.idle_timeout, self._timed_out
-            )
+        self._client_paused = False
+        self._set_timer(self._forwarder.limits.idle_timeout)
         if self._upstream_body is not None:
             self._upstream_body.resumeProducing()
 
@@ -475,16 +508,18 @@ class Exchange:
 
     def _body_failed(self, reason: Failure) -> None:
         """
-        The streaming request body broke off: too large, malformed, or the
-        client left (which L{_client_left} reports).
+        The streaming request body broke off: too large, the client went
+        silent, it was malformed, or the client left (which L{_client_left}
+        reports).
         """
-        if self._done or not reason.check(BodyTooLarge, ValueError):
+        if self._done or not reason.check(BodyTooLarge, BodyTimedOut, ValueError):
             return
+        self._stop_upstream()
         if reason.check(BodyTooLarge):
-            self._stop_upstream()
             self._respond_error(413, _too_large(reason.value.args[0]))
+        elif reason.check(BodyTimedOut):
+            self._respond_error(408, f"client sent nothing for {reason.value.args[0]:g} s mid-body")
         else:
-            self._stop_upstream()
             self._respond_error(400, str(reason.value))
         self._conclude()
 
@@ -517,10 +552,14 @@ class Exchange:
         request, record = self._request, self.record
         record.http_status = status
         record.fail(message)
+        self._unregister()
         if request.startedWriting or request.finished or request.channel is None:
             return
         content_type, body = error_body(self._family, status, message)
         request.setResponseCode(status)
+        # Whatever Ollama's headers said, the answer is now the proxy's own;
+        # only the decision to close the connection carries over.
+        connection = request.responseHeaders.getRawHeaders(b"connection")
         request.responseHeaders = Headers(
             {
                 b"content-type": [content_type],
@@ -529,6 +568,8 @@ class Exchange:
                 b"x-request-id": [record.request_id.encode("ascii")],
             }
         )
+        if connection:
+            request.responseHeaders.setRawHeaders(b"connection", connection)
         if status == 401:
             request.responseHeaders.setRawHeaders(b"www-authenticate", [b"Bearer"])
         if getattr(request, "body_complete", True) is False:
@@ -582,6 +623,12 @@ class Exchange:
         if self._holds_slot:
             self._holds_slot = False
             self._forwarder.gate.leave()
+
+    def _set_timer(self, seconds: float) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.reset(seconds)
+        else:
+            self._timer = self._forwarder.clock.callLater(seconds, self._timed_out)
 
     def _cancel_timer(self) -> None:
         if self._timer is not None:

@@ -11,6 +11,7 @@ from twisted.web.server import NOT_DONE_YET, Request
 
 from .csvlog import CsvLog
 from .health import HealthResource, ReadyResource, UpstreamProbe
+from .hostcheck import HostPolicy
 from .metrics import Metrics
 from .proxy import Forwarder
 from .routes import Family, decoded_path, error_body
@@ -29,10 +30,20 @@ class Root(Resource):
 
     isLeaf = True
 
-    def __init__(self, forwarder: Forwarder, local: dict[bytes, tuple[Resource, bool]]) -> None:
+    def __init__(
+        self,
+        forwarder: Forwarder,
+        local: dict[bytes, tuple[Resource, bool]],
+        host_policy: HostPolicy | None = None,
+    ) -> None:
+        """
+        @param host_policy: when set, requests whose C{Host} it refuses get
+            403, as Ollama on loopback does (see L{ollamaproxy.hostcheck}).
+        """
         super().__init__()
         self._forwarder = forwarder
         self._local = local
+        self._host_policy = host_policy
 
     def render(self, request: Request) -> Any:
         path = decoded_path(request.uri)
@@ -44,10 +55,21 @@ class Root(Resource):
                 "dot segments, backslashes, NUL, control or non-ASCII bytes)",
             )
             return NOT_DONE_YET
-        if len(request.requestHeaders.getRawHeaders(b"host", ())) > 1:
+        hosts = request.requestHeaders.getRawHeaders(b"host", ())
+        if len(hosts) > 1:
             # RFC 9112 section 3.2: refused, since a proxy in front of this
             # one may have gone by the other Host.
             self._forwarder.refuse(request, 400, "more than one Host header")
+            return NOT_DONE_YET
+        host = hosts[0].decode("latin-1") if hosts else ""
+        if self._host_policy is not None and not self._host_policy.allows(host):
+            self._forwarder.refuse(
+                request,
+                403,
+                f"Host {host!r} is not allowed: like Ollama on loopback, this proxy only "
+                "answers local names unless it has API keys or listens beyond loopback "
+                "(protection against DNS rebinding)",
+            )
             return NOT_DONE_YET
         local = self._local.get(path)
         if local is None:
@@ -81,9 +103,17 @@ def build_root(
     draining: Callable[[], bool],
     status_needs_key: bool,
     monotonic: Callable[[], float],
+    host_policy: HostPolicy | None = None,
 ) -> Root:
-    health = HealthResource(forwarder, probe, csv_log, monotonic, draining)
-    ready = ReadyResource(forwarder, probe, csv_log, monotonic, draining)
+    keys = forwarder.keys
+
+    def shows_details(request: Request) -> bool:
+        # /health is open to all; with keys on, only a key holder (or
+        # anyone, with --open-status) sees where the upstream and log are.
+        return keys is None or not status_needs_key or keys.identify(request.requestHeaders) is not None
+
+    health = HealthResource(forwarder, probe, csv_log, monotonic, draining, shows_details)
+    ready = ReadyResource(forwarder, probe, csv_log, monotonic, draining, shows_details)
     return Root(
         forwarder,
         {
@@ -91,4 +121,5 @@ def build_root(
             b"/health/ready": (ready, status_needs_key),
             b"/metrics": (metrics.resource(), status_needs_key),
         },
+        host_policy,
     )

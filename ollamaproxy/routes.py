@@ -32,7 +32,10 @@ OPENAI_MODEL_PREFIX = b"/v1/models/"
 
 # A request target is visible ASCII (RFC 9112 section 3.2); Twisted lets
 # DEL and some bytes over 0x7f through.
-_NOT_TARGET_BYTE = re.compile(rb"[^\x21-\x7e]")
+# Control, space, DEL and non-ASCII bytes are never part of a request
+# target; nor is "#": a fragment stays with the client, and Twisted's client
+# would drop it, so the proxy's routing and Ollama's would differ.
+_NOT_TARGET_BYTE = re.compile(rb"[^\x21-\x7e]|#")
 
 
 def decoded_path(target: bytes) -> bytes | None:

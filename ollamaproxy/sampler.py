@@ -50,7 +50,12 @@ class HostSampler(Service):
 
     def startService(self) -> None:
         super().startService()
-        self._loop.start(self._interval, now=True)
+        if self._sample is read_host_load:
+            # cpu_percent(interval=None) compares with its previous call, so
+            # its first answer is a meaningless 0.0: make that call now, and
+            # sample first one interval later (cells stay empty until then).
+            psutil.cpu_percent(interval=None)
+        self._loop.start(self._interval, now=False)
 
     def stopService(self) -> None:
         if self._loop.running:

@@ -25,6 +25,7 @@ from .config import exposed_endpoints, listen_endpoints
 from .csvlog import CsvLog
 from .forwarded import ClientAddress
 from .gate import Gate
+from .hostcheck import HostPolicy, this_machine
 from .health import UpstreamProbe
 from .metrics import Metrics
 from .proxy import Forwarder, Limits
@@ -84,6 +85,7 @@ class ProxyService(Service):
             limits=Limits(
                 header_timeout=settings["header-timeout"],
                 idle_timeout=settings["idle-timeout"],
+                client_timeout=settings["client-timeout"],
                 max_body_bytes=settings["max-body-bytes"],
                 inject_usage=settings["usage-injection"],
             ),
@@ -101,6 +103,7 @@ class ProxyService(Service):
             draining=lambda: self.draining,
             status_needs_key=not settings["open-status"],
             monotonic=time.monotonic,
+            host_policy=self._host_policy(),
         )
         self.site = ProxySite(
             self.root,
@@ -109,6 +112,17 @@ class ProxyService(Service):
             buffered_body_limit=min(BUFFERED_BODY_LIMIT, settings["max-body-bytes"]),
         )
         self.draining = False
+
+    def _host_policy(self) -> HostPolicy | None:
+        """
+        Ollama checks Host only when it listens on loopback; the proxy does
+        the same for its own listening endpoints, and not when API keys
+        stand in the way anyway.
+        """
+        settings = self._settings
+        if not settings["host-check"] or self.keys is not None or exposed_endpoints(self._endpoints):
+            return None
+        return this_machine()
 
     def _keys_configured(self) -> bool:
         return bool(self._settings["api-key"] or self._settings["api-keys-file"])
@@ -203,7 +217,8 @@ class ProxyService(Service):
         rest (each still gets its row), then close the pool and the log.
         """
         super().stopService()
-        self.draining = True
+        self.draining = self.forwarder.draining = True
+        self.site.close_idle_connections()
         return Deferred.fromCoroutine(self._stop())
 
     async def _stop(self) -> None:

@@ -52,6 +52,12 @@ class BodyTooLarge(Exception):
     """
 
 
+class BodyTimedOut(Exception):
+    """
+    The client went silent in the middle of its body for the client timeout.
+    """
+
+
 @implementer(IBodyProducer)
 class StreamingBody:
     """
@@ -203,10 +209,9 @@ class ProxyRequest(Request):
         self.body: bytes | StreamingBody | None = None
 
     def gotLength(self, length: int | None) -> None:
-        if length is not None and length <= self.channel.site.buffered_body_limit:
-            self.content = BytesIO()
-            return
         self.content = BytesIO()
+        if length is not None and length <= self.channel.site.buffered_body_limit:
+            return
         channel = self.channel
         self.body = StreamingBody(length, self._pause_client, self._resume_client)
         self._begin(channel._command, channel._path, channel._version)
@@ -230,9 +235,11 @@ class ProxyRequest(Request):
         self.process()
 
     def connectionLost(self, reason: Failure) -> None:
+        # The exchange learns first that its client left (a 499 row); only
+        # then is the upstream request's body cut off.
+        super().connectionLost(reason)
         if isinstance(self.body, StreamingBody) and not self.body.complete:
             self.body.fail(reason)
-        super().connectionLost(reason)
 
     def finish(self) -> None:
         if not self.body_complete:
@@ -351,6 +358,17 @@ class ProxyChannel(HTTPChannel):
         super().connectionLost(reason)
         self.site.channel_closed(self)
 
+    def timeoutConnection(self) -> None:
+        """
+        The client was silent for the client timeout.  If it stopped in the
+        middle of a streaming body, that request is answered 408 first.
+        """
+        request = self.requests[-1] if self.requests else None
+        if isinstance(request, ProxyRequest) and not request.body_complete:
+            assert isinstance(request.body, StreamingBody)
+            request.body.fail(Failure(BodyTimedOut(self.timeOut)))
+        super().timeoutConnection()
+
     def registerProducer(self, producer: Any, streaming: bool) -> None:
         super().registerProducer(producer, streaming)
         if streaming and self._waitingForTransport:
@@ -428,6 +446,15 @@ class ProxySite(Site):
 
     def log(self, request: Request) -> None:
         pass
+
+    def close_idle_connections(self) -> None:
+        """
+        Close the client connections with no request in progress (at the
+        start of shutdown, so kept-alive clients go elsewhere).
+        """
+        for channel in list(self.channels):
+            if not channel.requests and channel.transport is not None:
+                channel.transport.loseConnection()
 
     def close_connections(self) -> Deferred[None]:
         """

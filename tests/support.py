@@ -170,11 +170,15 @@ class LiveProxy:
     """
     The whole service (CSV log included) on a real loopback port, in front
     of the fake Ollama on another, both on the real reactor.
+
+    The proxy's Host check (a loopback proxy without keys answers only local
+    names) is off unless C{host_check}: most tests send raw requests with a
+    made-up Host and are about something else.
     """
 
     def __init__(
         self, test: Any, token_delay: float = 0.0, args: list[str] | None = None,
-        environ: dict[str, str] | None = None, **fake_options: Any,
+        environ: dict[str, str] | None = None, host_check: bool = False, **fake_options: Any,
     ) -> None:
         from twisted.web.server import Site
 
@@ -192,6 +196,7 @@ class LiveProxy:
                 "--listen", "tcp:0:interface=127.0.0.1",
                 "--ollama-url", f"http://127.0.0.1:{self.fake_port.getHost().port}",
                 "--log-path", self.logs,
+                "--host-check", "true" if host_check else "false",
                 *(args or []),
             ]
         )

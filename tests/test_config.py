@@ -115,6 +115,8 @@ class RefusalTests(SynchronousTestCase):
         for args, name in (
             (["--max-concurrent", "-1"], "--max-concurrent"),
             (["--idle-timeout", "0"], "--idle-timeout"),
+            (["--idle-timeout", "inf"], "--idle-timeout"),
+            (["--ollama-url", "http://localhost:11434/ollamä"], "--ollama-url"),
             (["--api-key", "nosecret"], "--api-key"),
             (["--trusted-proxy", "10.0.0.0/33"], "--trusted-proxy"),
             (["--listen", "nonsense:3001"], "--listen"),

@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import os
 import random
+import re
 import shutil
 import socket
 import time
@@ -34,13 +35,13 @@ from twisted.web.client import Agent, FileBodyProducer, HTTPConnectionPool, Resp
 from twisted.web.http import _ChunkedTransferDecoder
 from twisted.web.http_headers import Headers
 
-from ollamaproxy.proxy import Exchange, Forwarder
+from ollamaproxy.proxy import Exchange, Forwarder, Limits
 from ollamaproxy.record import COLUMNS
 from ollamaproxy.resource import Root
 from ollamaproxy.site import ProxyChannel, ProxySite
 from ollamaproxy.testing.fake_ollama import FakeOllama, Fault
 
-from .support import UPSTREAM, LiveProxy, free_port, http_client
+from .support import UPSTREAM, InMemoryProxy, LiveProxy, free_port, http_client
 
 GENERATE = {"model": "llama3.2", "prompt": "Why is the sky blue?"}
 
@@ -820,7 +821,8 @@ class MalformedHttpTests(TestCase):
         for name, payload, statuses in MALFORMED:
             raw, closed = await raw_exchange(proxy.port, payload)
             self.assertTrue(closed, name)
-            answers = [int(line[9:12]) for line in raw.split(b"\r\n") if line.startswith(b"HTTP/1.1 ")]
+            # Status lines; one may follow a Content-Length body directly.
+            answers = [int(code) for code in re.findall(rb"HTTP/1\.1 (\d{3}) ", raw)]
             self.assertEqual(answers, statuses, f"{name}: {raw!r}")
             health = await http.get(proxy.url + "/health")
             self.assertEqual(health.code, 200, name)
@@ -904,3 +906,91 @@ class PipelinedBackpressureTests(SynchronousTestCase):
             states, {b"/api/generate?first": "paused", b"/api/generate?second": "paused"}
         )
         protocol.connectionLost(Failure(ConnectionDone()))
+
+
+class StalledClientTests(SynchronousTestCase):
+    def test_client_that_stops_reading_is_given_up_on(self) -> None:
+        """
+        A client whose connection stays full (it reads nothing) for the
+        client timeout is cut, its upstream request closed, and its row
+        written: it cannot hold its slot, or Ollama's, for ever.
+        """
+        from ollamaproxy.gate import Gate
+
+        proxy = InMemoryProxy(token_delay=1.0, gate=Gate(1, 10), limits=Limits(client_timeout=5, idle_timeout=100))
+        pending = proxy.start("POST", "/api/generate", {"model": "llama3.2", "prompt": "x", "options": {"num_predict": 50}})
+        proxy.advance(1)
+        reading = treq.collect(self.successResultOf(pending), lambda data: None)
+        proxy.flush()
+        [exchange] = proxy.forwarder.active
+        exchange.pauseProducing()  # what Twisted does when the client's socket is full
+        proxy.advance(4.9)
+        self.assertEqual(proxy.records.all, [])
+        proxy.advance(0.2)
+        record = proxy.records.only
+        self.assertEqual(record.http_status, 200)
+        self.assertEqual(record.error_message, "client read nothing for 5 s; gave up")
+        self.assertEqual(proxy.fake.disconnects, [b"/api/generate"])
+        self.assertEqual(proxy.forwarder.gate.in_flight, 0)
+        self.failureResultOf(reading, ResponseFailed)
+
+    def test_reading_again_restores_the_upstream_idle_clock(self) -> None:
+        """
+        A client that pauses and resumes in time is not cut; the upstream's
+        idle timeout applies again.
+        """
+        proxy = InMemoryProxy(token_delay=1.0, limits=Limits(client_timeout=5, idle_timeout=100))
+        pending = proxy.start("POST", "/api/generate", {"model": "llama3.2", "prompt": "x", "options": {"num_predict": 8}})
+        proxy.advance(1)
+        done = treq.collect(self.successResultOf(pending), lambda data: None)
+        [exchange] = proxy.forwarder.active
+        exchange.pauseProducing()
+        proxy.advance(4)
+        exchange.resumeProducing()
+        for _ in range(10):
+            proxy.advance(1)
+        self.successResultOf(done)
+        self.assertEqual(proxy.records.only.error_message, "")
+
+
+class SlowUploadTests(TestCase):
+    async def test_a_long_upload_is_not_a_header_timeout(self) -> None:
+        """
+        Ollama answers only once a body is in: a streamed upload that takes
+        longer than --header-timeout, but keeps arriving, is not cut.
+        """
+        proxy = LiveProxy(self, args=["--header-timeout", "0.4"])
+        pieces = [b'{"model": "llama3.2", ', b'"prompt": "slow", ', b'"options": {}, ', b'"stream": false}']
+        client = socket.create_connection(("127.0.0.1", proxy.port))
+        self.addCleanup(client.close)
+        client.sendall(b"POST /api/generate HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n")
+        for piece in pieces:
+            await pause(0.25)
+            client.sendall(b"%x\r\n%s\r\n" % (len(piece), piece))
+        client.sendall(b"0\r\n\r\n")
+        await eventually(lambda: os.path.exists(proxy.csv) and len(proxy.rows()) == 1, timeout=5)
+        [row] = proxy.rows()
+        self.assertEqual((row["http_status"], row["error_message"]), ("200", ""))
+
+
+class ClientLeavesMidUploadTests(TestCase):
+    async def test_leaving_mid_upload_is_499(self) -> None:
+        """
+        A client that hangs up halfway through a streamed body has left: its
+        row says 499, not an error of its body.
+        """
+        proxy = LiveProxy(self)
+        client = socket.create_connection(("127.0.0.1", proxy.port))
+        client.sendall(
+            b"POST /api/chat HTTP/1.1\r\nHost: localhost\r\nContent-Length: %d\r\n\r\n" % (4 * 1024 * 1024)
+            + b'{"model":"llama3.2","messages":[{"role":"user","content":"' + b"x" * 200_000
+        )
+        await eventually(lambda: proxy.service.forwarder.active, timeout=5)
+        await pause(0.2)
+        client.close()
+        await eventually(lambda: os.path.exists(proxy.csv) and proxy.rows(), timeout=5)
+        [row] = proxy.rows()
+        self.assertEqual(row["http_status"], "499")
+        self.assertTrue(row["error_message"].startswith("client disconnected"), row["error_message"])
+        self.assertEqual(row["model"], "")
+        self.assertEqual(proxy.service.forwarder.active, set())

@@ -303,3 +303,40 @@ class PoolingTests(TestCase):
             await response.content()
         self.assertEqual(len(opened), 1)
         self.assertEqual(len(proxy.fake.received), 5)
+
+
+def _raw_headers(port: int, request: bytes) -> list[bytes]:
+    """
+    The status line and header lines of the answer to C{request}, read with
+    a plain socket (blocking: call it off the reactor thread).
+    """
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as raw:
+        raw.sendall(request)
+        data = b""
+        while b"\r\n\r\n" not in data:
+            piece = raw.recv(65536)
+            if not piece:
+                break
+            data += piece
+    head = data.split(b"\r\n\r\n", 1)[0].split(b"\r\n")
+    return [line for line in head if not line.lower().startswith((b"date:", b"x-request-id:"))]
+
+
+class FramingTests(TestCase):
+    async def test_length_and_chunking_as_ollama_sent_them(self) -> None:
+        """
+        On the wire, a reply Ollama sent with a Content-Length keeps it, and
+        a stream stays chunked: the client sees the same framing either way.
+        """
+        proxy = LiveProxy(self)
+        fake = proxy.fake_port.getHost().port
+        body = b'{"model":"llama3.2","prompt":"hi"}'
+        for request in (
+            b"GET /api/version HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+            b"HEAD / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+            b"POST /api/generate HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: %d\r\n\r\n%s"
+            % (len(body), body),
+        ):
+            direct = await in_reactor_thread(_raw_headers, fake, request)
+            proxied = await in_reactor_thread(_raw_headers, proxy.port, request)
+            self.assertEqual(sorted(proxied), sorted(direct), request)

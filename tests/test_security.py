@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 
+from twisted.internet import reactor
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from ollamaproxy.auth import ApiKeys, KeyFileError, parse_key, read_keys_file
@@ -540,11 +541,78 @@ class RequestTargetTests(TestCase):
         """
         Paths the proxy does not refuse reach the upstream exactly as sent:
         C{//api/tags} stays C{//api/tags} (and does not name a host),
-        percent-encoding is not decoded.
+        percent-encoding is not decoded.  A fragment, which a client never
+        sends and Twisted's client would drop, is refused rather than cut.
         """
         proxy = LiveProxy(self)
         targets = [b"//api/tags", b"//evil.example/api/tags", b"/api%2Ftags", b"/@evil.example/x", b"/api/tags#frag"]
         for target in targets:
             await self.exchange(proxy, b"GET " + target + b" HTTP/1.1\r\nHost: localhost\r\n\r\n")
-        self.assertEqual([r.uri for r in proxy.fake.received], targets[:-1] + [b"/api/tags"])
+        self.assertEqual([r.uri for r in proxy.fake.received], targets[:-1])
         await eventually(lambda: len(proxy.rows()) == len(targets))
+        self.assertEqual(proxy.rows()[-1]["http_status"], "400")
+
+
+class HostCheckTests(TestCase):
+    """
+    A proxy on loopback without API keys answers only local Host names, as
+    Ollama does there: rewriting Host must not switch off Ollama's
+    protection against DNS rebinding.
+    """
+
+    async def test_foreign_names_are_refused_local_ones_pass(self) -> None:
+        """
+        evil.example gets 403 and a row, and nothing reaches Ollama;
+        localhost, loopback and private addresses, *.internal names (Docker's
+        host.docker.internal) and this machine's name pass.
+        """
+        import socket as sockets
+
+        proxy = LiveProxy(self, host_check=True)
+        for host, allowed in (
+            (b"evil.example", False),
+            (b"evil.example:3001", False),
+            (b"8.8.8.8", False),
+            (b"localhost:3001", True),
+            (b"127.0.0.1", True),
+            (b"192.168.1.10:3001", True),
+            (b"host.docker.internal:3001", True),
+            (b"ollama.local", True),
+            (sockets.gethostname().encode(), True),
+        ):
+            client = await connect(self, proxy.port)
+            client.send(b"GET /api/tags HTTP/1.1\r\nHost: " + host + b"\r\nConnection: close\r\n\r\n")
+            await client.when_closed()
+            status = client.received[9:12]
+            self.assertEqual(status, b"200" if allowed else b"403", host)
+        refused = [row for row in csv_rows(proxy.csv) if row[COLUMNS.index("http_status")] == "403"]
+        self.assertEqual(len(refused), 3)
+        self.assertIn("DNS rebinding", refused[0][COLUMNS.index("error_message")])
+        self.assertEqual(len(proxy.fake.received), 6)
+
+    async def test_not_applied_with_keys(self) -> None:
+        """
+        With API keys the key is the gate: any Host name passes with one.
+        """
+        proxy = LiveProxy(self, host_check=True, args=["--api-key", "alice:sk-alice-key"])
+        client = await connect(self, proxy.port)
+        client.send(
+            b"GET /api/tags HTTP/1.1\r\nHost: ollama.example.com\r\n"
+            b"Authorization: Bearer sk-alice-key\r\nConnection: close\r\n\r\n"
+        )
+        await client.when_closed()
+        self.assertEqual(client.received[9:12], b"200")
+
+    def test_not_applied_beyond_loopback(self) -> None:
+        """
+        Listening beyond loopback, like Ollama bound to 0.0.0.0, the proxy
+        checks no Host (clients use whatever name reaches it).
+        """
+        from ollamaproxy.service import ProxyService
+        from ollamaproxy.tap import Options
+
+        for host, checked in (("127.0.0.1", True), ("0.0.0.0", False)):
+            options = Options(environ={}, dotenv={})
+            options.parseOptions(["--host", host, "--log-path", self.mktemp()])
+            service = ProxyService(options.settings, reactor, owns_process=False)
+            self.assertEqual(service.root._host_policy is not None, checked, host)

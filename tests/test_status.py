@@ -11,7 +11,8 @@ import time
 import treq
 from prometheus_client.parser import text_string_to_metric_families
 from treq.testing import RequestTraversalAgent
-from twisted.internet.task import Clock
+from twisted.internet import reactor
+from twisted.internet.task import Clock, deferLater
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from ollamaproxy.metrics import MODEL_LABEL_LIMIT, Metrics
@@ -112,6 +113,39 @@ class ProbeCacheTests(SynchronousTestCase):
         agent.flush()
         self.successResultOf(d)
         self.assertEqual(len(fake.received), 2)
+
+
+    def test_a_probe_that_never_finishes_times_out(self) -> None:
+        """
+        An upstream that sends headers and then part of a body, and goes
+        silent, makes the probe report it unreachable after its timeout
+        instead of hanging /health.
+        """
+        from twisted.web.resource import Resource
+        from twisted.web.server import NOT_DONE_YET
+
+        from ollamaproxy.health import UpstreamProbe
+        from ollamaproxy.upstream import Upstream
+
+        class Stuck(Resource):
+            isLeaf = True
+
+            def render(self, request):  # type: ignore[no-untyped-def]
+                request.setHeader(b"content-type", b"application/json")
+                request.write(b'{"version":')
+                return NOT_DONE_YET
+
+        clock = Clock()
+        agent = RequestTraversalAgent(Stuck())
+        probe = UpstreamProbe(agent, Upstream(b"http://127.0.0.1:11434"), clock, clock.seconds, timeout=2)
+        d = probe.check()
+        agent.flush()
+        self.assertNoResult(d)
+        clock.advance(2)
+        agent.flush()
+        result = self.successResultOf(d)
+        self.assertFalse(result.reachable)
+        self.assertEqual(result.error, "no answer within 2 s")
 
 
 class ShutdownTests(TestCase):
@@ -221,3 +255,58 @@ class LabelBoundTests(SynchronousTestCase):
         self.assertNotIn("ua1", text)
         self.assertNotIn('"s1"', text)
 
+
+
+class DrainTests(TestCase):
+    async def test_kept_alive_connections_are_closed_or_refused_while_draining(self) -> None:
+        """
+        At shutdown an idle kept-alive connection is closed at once; while
+        requests are still in flight, a new request on a kept-alive
+        connection gets 503 and its connection is closed.
+        """
+        from .rawhttp import connect
+
+        proxy = LiveProxy(self, token_delay=0.05, args=["--grace-period", "5"])
+        long_stream = await http_client(self).post(
+            proxy.url + "/api/generate",
+            json={"model": "llama3.2", "prompt": "x", "options": {"num_predict": 40}},
+            unbuffered=True,
+        )
+        idle = await connect(self, proxy.port)
+        idle.send(b"GET /api/version HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        busy = await connect(self, proxy.port)
+        body = b'{"model":"llama3.2","prompt":"x","options":{"num_predict":3}}'
+        busy.send(b"POST /api/generate HTTP/1.1\r\nHost: localhost\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+        for _ in range(200):
+            if b"0.12.6" in idle.received and b'"response"' in busy.received:
+                break
+            await deferLater(reactor, 0.01, lambda: None)
+        stopping = proxy.service.stopService()
+        await idle.when_closed(timeout=2)
+        for _ in range(300):
+            if b"0\r\n\r\n" in busy.received:
+                break
+            await deferLater(reactor, 0.01, lambda: None)
+        busy.send(b"GET /api/tags HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        await busy.when_closed(timeout=2)
+        self.assertIn(b"HTTP/1.1 503 ", busy.received)
+        self.assertIn(b"proxy is shutting down", busy.received)
+        self.assertEqual(len((await treq.content(long_stream)).splitlines()), 40)
+        await stopping
+        statuses = sorted(row["http_status"] for row in proxy.rows())
+        self.assertEqual(statuses, ["200", "200", "200", "503"])
+
+
+class HealthDetailTests(TestCase):
+    async def test_with_keys_health_says_only_the_status_without_one(self) -> None:
+        """
+        With API keys on, /health stays open but tells a caller without a
+        key only the status; the details (upstream, log path) need a key.
+        """
+        proxy = LiveProxy(self, args=["--api-key", "ops:sk-ops-secret"])
+        http = http_client(self)
+        anonymous = await (await http.get(proxy.url + "/health")).json()
+        self.assertEqual(anonymous, {"status": "ok"})
+        detailed = await (await http.get(proxy.url + "/health", headers={"X-API-Key": "sk-ops-secret"})).json()
+        self.assertIn("upstream", detailed)
+        self.assertIn("log", detailed)

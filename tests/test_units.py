@@ -178,8 +178,9 @@ class GateTests(SynchronousTestCase):
 class SamplerTests(SynchronousTestCase):
     def test_samples_every_second_and_survives_errors(self) -> None:
         """
-        The sample is refreshed each second; a failing sample is logged once
-        and the loop keeps running.
+        The first sample comes one interval after start (psutil's first CPU
+        reading means nothing), then each second; a failing sample is logged
+        once and the loop keeps running.
         """
         clock = Clock()
         readings = iter([(10.0, 20.0), RuntimeError("boom"), RuntimeError("boom"), (30.0, 40.0)])
@@ -197,6 +198,8 @@ class SamplerTests(SynchronousTestCase):
         sampler = HostSampler(clock, sample)
         sampler.startService()
         self.addCleanup(sampler.stopService)
+        self.assertEqual((sampler.cpu, sampler.memory), (None, None))
+        clock.advance(1)
         self.assertEqual((sampler.cpu, sampler.memory), (10.0, 20.0))
         clock.advance(1)
         clock.advance(1)

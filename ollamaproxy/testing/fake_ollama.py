@@ -17,7 +17,6 @@ C{python -m ollamaproxy.testing.fake_ollama} (see L{fake_tap}).
 from __future__ import annotations
 
 import hashlib
-import socket
 import sys
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
@@ -27,7 +26,6 @@ from functools import partial
 from typing import IO, ClassVar
 from urllib.parse import unquote
 
-import psutil
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
@@ -35,10 +33,11 @@ from twisted.web.http_headers import Headers
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
+from ollamaproxy.hostcheck import HostPolicy, this_machine
 from ollamaproxy.testing import fake_native, fake_openai
 from ollamaproxy.testing.fake_support import (
     CT_HTML_UTF8, CT_TEXT, DEFAULT_MODELS, QUEUE_FULL_MESSAGE, ApiError, Exchange, FakeModel,
-    GenerationPlan, HostPolicy, Job, Metrics, Reply, compute_metrics, embedding_vector,
+    GenerationPlan, Job, Metrics, Reply, compute_metrics, embedding_vector,
     full_model_name, model_key, native_error, normalize, plan_generation, shortest_float32,
 )
 
@@ -180,7 +179,7 @@ class FakeOllama:
         self.max_pending = max_pending
         self.received: list[ReceivedRequest] = []
         self.disconnects: list[bytes] = []
-        self._host_policy = (host_policy or _this_machine()) if check_host else None
+        self._host_policy = (host_policy or this_machine()) if check_host else None
         self.blobs: set[str] = set()
         self._models = {model_key(m.name): m for m in models}
         self._loaded: dict[str, float] = {}
@@ -536,12 +535,6 @@ def _fault_step(armed: tuple[Fault, int] | None, steps: int) -> int | None:
         return None
     fault, after_chunks = armed
     return 0 if fault.kind in _BEFORE_HEADERS else min(max(after_chunks, 0), steps - 1)
-
-
-def _this_machine() -> HostPolicy:
-    addresses = frozenset(a.address.split("%")[0] for entries in psutil.net_if_addrs().values()
-                          for a in entries if a.family in (socket.AF_INET, socket.AF_INET6))
-    return HostPolicy(socket.gethostname(), addresses)
 
 
 def _summarize_body(content: IO[bytes]) -> tuple[bytes, int, str]:

@@ -13,14 +13,13 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import ipaddress
 import json
 import math
 import re
 import struct
 import zlib
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, Protocol
 
@@ -528,53 +527,6 @@ def normalize(vector: Sequence[float]) -> list[float]:
 
 # ---------------------------------------------------------------------------
 # Host check (allowedHostsMiddleware)
-
-_GO_PRIVATE_NETWORKS = tuple(ipaddress.ip_network(n) for n in
-                             ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "fc00::/7"))
-
-
-@dataclass(frozen=True)
-class HostPolicy:
-    """
-    Which C{Host} headers an Ollama bound to loopback accepts.
-
-    @ivar hostname: the machine's hostname.
-    @ivar local_addresses: the machine's interface addresses.
-    """
-
-    hostname: str
-    local_addresses: frozenset[str] = field(default_factory=frozenset)
-
-    def classify(self, host_header: str) -> str:
-        """
-        C{"address"} (an allowed IP literal), C{"name"} (an allowed name) or
-        C{"denied"}.  Ollama treats the two allowed kinds differently: only
-        an allowed I{name} short-circuits C{OPTIONS} with a 204.
-        """
-        host = _split_host(host_header)
-        try:
-            address = ipaddress.ip_address(host)
-        except ValueError:
-            return "name" if self._allows_name(host) else "denied"
-        if (address.is_loopback or address.is_unspecified
-                or any(address in network for network in _GO_PRIVATE_NETWORKS)
-                or str(address) in self.local_addresses):
-            return "address"
-        return "name" if self._allows_name(host) else "denied"
-
-    def _allows_name(self, host: str) -> bool:
-        host = host.lower()
-        return (host in ("", "localhost", self.hostname.lower())
-                or host.endswith((".localhost", ".local", ".internal")))
-
-
-def _split_host(value: str) -> str:
-    """Go's C{net.SplitHostPort}, falling back to the whole value on error."""
-    if value.startswith("["):
-        end = value.find("]")
-        return value[1:end] if end != -1 and value[end + 1:end + 2] == ":" else value
-    return value.split(":")[0] if value.count(":") == 1 else value
-
 
 # ---------------------------------------------------------------------------
 # Writing to a request
