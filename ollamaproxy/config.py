@@ -218,7 +218,7 @@ SETTINGS: tuple[Setting, ...] = (
         "formula-guard",
         "true",
         _bool,
-        "Prefix CSV text cells starting with = + - @ with ' (true/false)",
+        "Prefix CSV text cells starting with =, +, -, @, tab or CR with ' (true/false)",
     ),
     Setting(
         "log-max-bytes",

@@ -607,9 +607,19 @@ class Exchange:
         self.finish()
 
     def abort(self) -> None:
-        """Reset the TCP connection (our side hangs up, not the client)."""
-        if not self.closed:
-            self._close()
+        """
+        Cut the connection (our side hangs up, not the client).  Before
+        anything was written, a reset.  After, a plain close once what was
+        written has gone out, leaving the chunked body unterminated: a reset
+        then could make the kernels drop chunks already sent, so how much a
+        client got would depend on the machine's load.
+        """
+        if self.closed:
+            return
+        self._close()
+        if self.request.startedWriting:
+            self.request.transport.loseConnection()
+        else:
             self.request.transport.abortConnection()
 
     def _connection_lost(self, reason: object) -> None:
