@@ -6,33 +6,17 @@ headers that never end.  Everything waits with a bound, on the real reactor.
 
 from __future__ import annotations
 
-import csv
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.protocol import Protocol
-from twisted.internet.task import deferLater
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
 
-from ollamaproxy.record import COLUMNS
-
-# Every wait in these tests gives up after this many seconds.
-PATIENCE = 5.0
-
-
-async def eventually(condition: Callable[[], bool], timeout: float = PATIENCE) -> None:
-    """
-    Poll C{condition} every 10 ms until it holds; fail after C{timeout}.
-    """
-    deadline = reactor.seconds() + timeout
-    while not condition():
-        if reactor.seconds() >= deadline:
-            raise AssertionError(f"condition still false after {timeout:g} s")
-        await deferLater(reactor, 0.01, lambda: None)
+from .support import PATIENCE, eventually
 
 
 @dataclass
@@ -71,7 +55,7 @@ def parse_responses(data: bytes) -> list[Response]:
                 break
             body, rest = rest[:length], rest[length:]
         elif headers.get(b"transfer-encoding") == [b"chunked"]:
-            body, rest, complete = _dechunk(rest)
+            body, rest, complete = dechunk(rest)
             if not complete:
                 break
         else:
@@ -81,18 +65,39 @@ def parse_responses(data: bytes) -> list[Response]:
     return responses
 
 
-def _dechunk(data: bytes) -> tuple[bytes, bytes, bool]:
-    body = b""
-    while b"\r\n" in data:
-        size_line, _, rest = data.partition(b"\r\n")
-        size = int(size_line.split(b";")[0], 16)
-        if len(rest) < size + 2:
+def chunk(data: bytes) -> bytes:
+    """
+    C{data} as one chunk of a chunked body.
+    """
+    return b"%x\r\n%s\r\n" % (len(data), data)
+
+
+def dechunk(data: bytes) -> tuple[bytes, bytes, bool]:
+    """
+    Decode a chunked body at the start of C{data}: the body so far, what
+    follows it, and whether its terminating chunk (and trailer) was there.
+    Linear in the size of C{data}, for multi-megabyte streams.
+    """
+    pieces: list[bytes] = []
+    offset = 0
+    while True:
+        line_end = data.find(b"\r\n", offset)
+        if line_end < 0:
             break
-        body += rest[:size]
-        data = rest[size + 2 :]
+        size = int(data[offset:line_end].split(b";")[0], 16)
+        start = line_end + 2
         if size == 0:
-            return body, data, True
-    return body, data, False
+            trailer_end = data.find(b"\r\n\r\n", line_end)
+            if data[start : start + 2] == b"\r\n":
+                return b"".join(pieces), data[start + 2 :], True
+            if trailer_end < 0:
+                break
+            return b"".join(pieces), data[trailer_end + 4 :], True
+        if len(data) < start + size + 2:
+            break
+        pieces.append(data[start : start + size])
+        offset = start + size + 2
+    return b"".join(pieces), data[offset:], False
 
 
 class RawClient(Protocol):
@@ -156,19 +161,6 @@ async def connect(test: Any, port: int) -> RawClient:
     client = await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port), RawClient())
     test.addCleanup(lambda: Deferred.fromCoroutine(client.hang_up()))
     return client
-
-
-def csv_rows(path: str) -> list[list[str]]:
-    """
-    The CSV file through L{csv.reader}, checking that every line (header
-    included) has exactly the column count; the header row is dropped.
-    """
-    with open(path, newline="", encoding="utf-8") as f:
-        rows = list(csv.reader(f))
-    assert rows[0] == list(COLUMNS), f"bad header: {rows[0]}"
-    for row in rows:
-        assert len(row) == len(COLUMNS), f"{len(row)} cells, expected {len(COLUMNS)}: {row}"
-    return rows[1:]
 
 
 def captured_log(test: Any) -> list[str]:

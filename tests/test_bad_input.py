@@ -17,8 +17,8 @@ from twisted.web.http import HTTPChannel
 from ollamaproxy.record import COLUMNS
 from ollamaproxy.site import ProxyChannel
 
-from .rawhttp import RawClient, captured_log, connect, csv_rows, eventually
-from .support import LiveProxy, http_client
+from .rawhttp import RawClient, captured_log, chunk, connect
+from .support import LiveProxy, csv_rows, eventually, http_client
 
 LIMIT = 1000
 STATUS = COLUMNS.index("http_status")
@@ -31,13 +31,6 @@ def head(method: bytes, target: bytes, *headers: bytes) -> bytes:
     A request's head: request line, Host, C{headers}, blank line.
     """
     return method + b" " + target + b" HTTP/1.1\r\nHost: localhost\r\n" + b"".join(h + b"\r\n" for h in headers) + b"\r\n"
-
-
-def chunk(data: bytes) -> bytes:
-    """
-    C{data} as one chunk of a chunked body.
-    """
-    return b"%x\r\n%s\r\n" % (len(data), data)
 
 
 class RawSocketTestCase(TestCase):
@@ -226,7 +219,7 @@ class SlowClientTests(RawSocketTestCase):
         trickle.clock = reactor
         trickle.start(0.05)
         self.addCleanup(lambda: trickle.running and trickle.stop())
-        await client.when_closed(timeout=3)
+        await client.when_closed()
         self.assertEqual(client.received, b"HTTP/1.1 408 Request Timeout\r\nConnection: close\r\n\r\n")
         self.assertEqual(proxy.fake.received, [])
         self.assertEqual(await self.still_serving(proxy), [])
@@ -243,7 +236,7 @@ class SlowClientTests(RawSocketTestCase):
         for length in (100, 2 * 1024 * 1024):
             client = await connect(self, proxy.port)
             client.send(head(b"POST", b"/api/chat", b"Content-Length: %d" % length) + b'{"model":')
-            await client.when_closed(timeout=3)
+            await client.when_closed()
             answers.append(client.received[:12])
         self.assertEqual(answers, [b"", b"HTTP/1.1 408"])
         self.assertEqual(proxy.fake.received, [])

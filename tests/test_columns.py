@@ -6,7 +6,6 @@ exact: the fake Ollama writes one token per second of that clock.
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 from datetime import datetime, timezone
@@ -16,6 +15,7 @@ import treq
 from twisted.internet.defer import fail
 from twisted.internet.error import ConnectionRefusedError
 from twisted.trial.unittest import SynchronousTestCase
+from twisted.web.client import ResponseFailed
 from twisted.web.iweb import IAgent
 from zope.interface import implementer
 
@@ -23,7 +23,7 @@ from ollamaproxy.gate import Gate
 from ollamaproxy.record import COLUMNS, RequestRecord
 from ollamaproxy.testing.fake_ollama import Fault
 
-from .support import WALL, InMemoryProxy
+from .support import WALL, HangUpAfter, InMemoryProxy, csv_dicts
 
 CHAT_MESSAGES = [{"role": "user", "content": "Why is the sky blue?"}]
 
@@ -227,14 +227,17 @@ class RouteColumnTests(SynchronousTestCase):
         proxy.fake.inject(Fault.RESET_MIDSTREAM, after_chunks=2)
         pending = proxy.start("POST", "/api/generate", {"model": "llama3.2", "prompt": "x"})
         proxy.advance(1)
-        done = treq.content(self.successResultOf(pending))
+        received: list[bytes] = []
+        done = treq.collect(self.successResultOf(pending), received.append)
         proxy.advance(1)
         proxy.advance(1)
-        self.failureResultOf(done)
-        r = row(proxy.records.only)
-        self.assertEqual(r["http_status"], "200")
-        self.assertRegex(r["error_message"], r"^upstream connection lost after \d+ bytes")
+        self.failureResultOf(done, ResponseFailed)
+        body = b"".join(received)
         # Two chunks at 1 s and 2 s, the reset when the third was due.
+        self.assertEqual(len(body.splitlines()), 2)
+        r = row(proxy.records.only)
+        self.assertEqual((r["http_status"], r["response_size_bytes"]), ("200", str(len(body))))
+        self.assertEqual(r["error_message"], f"upstream connection lost after {len(body)} bytes of the response")
         self.assertEqual(r["processing_time_ms"], "3000.000")
 
     def test_unreachable_upstream(self) -> None:
@@ -263,13 +266,14 @@ class ClientLeavesTests(SynchronousTestCase):
         pending = proxy.start("POST", "/api/chat", {"model": "llama3.2", "messages": CHAT_MESSAGES})
         proxy.advance(1)
         response = self.successResultOf(pending)
-        received: list[bytes] = []
-        response.deliverBody(_HangUpAfterFirstChunk(received))
+        reader = HangUpAfter(1)
+        response.deliverBody(reader)
         proxy.flush()
+        self.successResultOf(reader.hung_up)
         proxy.advance(1)
         r = row(proxy.records.only)
         self.assertEqual(r["http_status"], "200")
-        self.assertEqual(r["error_message"], f"client disconnected after {len(received[0])} bytes")
+        self.assertEqual(r["error_message"], f"client disconnected after {len(reader.received)} bytes")
         self.assertEqual(proxy.fake.disconnects, [b"/api/chat"])
 
     def test_disconnect_while_queued(self) -> None:
@@ -312,21 +316,6 @@ class ClientLeavesTests(SynchronousTestCase):
         self.assertEqual(body, {"error": "server busy, please try again.  maximum pending requests exceeded"})
 
 
-class _HangUpAfterFirstChunk:
-    def __init__(self, received: list[bytes]) -> None:
-        self.received = received
-
-    def makeConnection(self, transport: Any) -> None:
-        self.transport = transport
-
-    def dataReceived(self, data: bytes) -> None:
-        self.received.append(data)
-        self.transport.stopProducing()
-
-    def connectionLost(self, reason: Any) -> None:
-        pass
-
-
 HOSTILE = [
     '=HYPERLINK("http://evil.example","click")',
     "+1+1",
@@ -356,8 +345,7 @@ class FileTests(SynchronousTestCase):
                 ),
             )
         path = os.path.join(logs, "ollama-proxy.csv")
-        with open(path, newline="", encoding="utf-8") as f:
-            rows = list(csv.DictReader(f))
+        rows = csv_dicts(path)
         self.assertEqual(len(rows), len(HOSTILE))
         for value, r in zip(HOSTILE, rows):
             guarded = ("'" + value) if value[0] in "=+-@" else value

@@ -18,6 +18,8 @@ from ollamaproxy.upstream import Upstream
 from ollamaproxy.service import ProxyService
 from ollamaproxy.tap import Options
 
+from .support import use_clean_environment
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -147,8 +149,10 @@ class EntryPointTests(SynchronousTestCase):
     def test_tac_builds_the_same_service(self) -> None:
         """
         ollamaproxy.tac reads the environment and builds a ProxyService with
-        the same settings the plugin would.
+        the same settings the plugin would.  (Settings the developer
+        exported are left out, or they would win over the .env file.)
         """
+        use_clean_environment(self)
         logs = self.mktemp()
         cwd = os.getcwd()
         workdir = self.mktemp()

@@ -12,9 +12,7 @@ import fcntl
 import glob
 import io
 import os
-import shutil
 import stat
-import tempfile
 from collections.abc import Callable
 from typing import Any
 
@@ -125,13 +123,6 @@ def read_frame(path: str) -> pd.DataFrame:
 
 
 class CsvLogTestCase(SynchronousTestCase):
-    def mktemp(self) -> str:
-        # Twisted's mktemp is relative to the working directory: fine under
-        # trial (_trial_temp), but under pytest it would litter the tree.
-        base = tempfile.mkdtemp(prefix="test-csvlog-")
-        self.addCleanup(_rmtree, base)
-        return os.path.join(base, "temp")
-
     def setUp(self) -> None:
         self.clock = Clock()
         self.now = NIGHT - 3600
@@ -143,7 +134,9 @@ class CsvLogTestCase(SynchronousTestCase):
 
         globalLogPublisher.addObserver(observe)
         self.addCleanup(globalLogPublisher.removeObserver, observe)
-        self.dir = self.mktemp()
+        # (mktemp is under the working directory: _trial_temp under trial,
+        # the test's tmp_path under pytest, as tests/conftest.py arranges.)
+        self.dir = os.path.abspath(self.mktemp())
 
     def wall(self) -> float:
         return self.now
@@ -168,16 +161,6 @@ class CsvLogTestCase(SynchronousTestCase):
     def content(self, path: str | None = None) -> str:
         with open(path or os.path.join(self.dir, "ollama-proxy.csv"), encoding="utf-8", newline="") as f:
             return f.read()
-
-
-def _rmtree(path: str) -> None:
-    for root, dirs, _ in os.walk(path):
-        for d in dirs:
-            try:
-                os.chmod(os.path.join(root, d), 0o700)
-            except OSError:
-                pass
-    shutil.rmtree(path, ignore_errors=True)
 
 
 class FileTests(CsvLogTestCase):
@@ -561,8 +544,7 @@ class TornRowTests(CsvLogTestCase):
             (b'a\n"b""\n', 2),
             (b'"\n"\n"\n', 4),
         ]
-        path = os.path.join(tempfile.mkdtemp(), "f")
-        self.addCleanup(shutil.rmtree, os.path.dirname(path))
+        path = self.mktemp()
         for block in [1, 2, 3, 1 << 20]:
             self.patch(csvlog, "_BLOCK", block)
             for data, expected in cases:
@@ -638,6 +620,7 @@ class FailureTests(CsvLogTestCase):
         log = self.start()
         os.unlink(log.path)
         os.chmod(self.dir, 0o500)
+        self.addCleanup(os.chmod, self.dir, 0o700)
         log.write_cells(row(1))
         self.clock.advance(1.0)
         self.assertFalse(log.healthy)
@@ -986,8 +969,8 @@ class RotationTests(CsvLogTestCase):
 
 class CheckDirectoryTests(SynchronousTestCase):
     def setUp(self) -> None:
-        self.base = tempfile.mkdtemp(prefix="test-csvlog-")
-        self.addCleanup(_rmtree, self.base)
+        self.base = os.path.abspath(self.mktemp())
+        os.makedirs(self.base)
 
     def test_creatable(self) -> None:
         """

@@ -1,124 +1,52 @@
 """
-What only a real network shows: chunk timing, disconnects, resets, pooling,
-streamed uploads, and the official clients, over loopback sockets.
+What only a real network shows: lines streamed through the agent and pool
+the proxy really uses, the official clients, streamed uploads, pooling and
+framing on the wire, over loopback sockets.  (Upstream and client faults
+over sockets are in tests/test_faults.py.)
 """
 
 from __future__ import annotations
 
 import json
-import socket
-import time
 
 import treq
-from twisted.internet import reactor
-from twisted.internet.defer import Deferred
-from twisted.internet.task import deferLater
+from twisted.internet.task import Clock
 from twisted.trial.unittest import TestCase
-from twisted.web.client import ResponseFailed
 
-from ollamaproxy.testing.fake_ollama import Fault
-
-from .support import LiveProxy, free_port, http_client, in_reactor_thread
-
-
+from .rawhttp import chunk, connect
+from .support import LiveProxy, eventually, http_client, in_reactor_thread, refused_port, within
 
 
 class StreamingOverSocketsTests(TestCase):
-    async def test_chunks_arrive_as_they_are_generated(self) -> None:
+    async def test_each_line_arrives_before_the_next_is_written(self) -> None:
         """
-        Over real sockets each line arrives about one token delay after the
-        previous one, not all at the end.
+        Over real sockets, through the agent and connection pool the proxy
+        really uses, the client has each line before Ollama has written the
+        next one: nothing on the way holds a line back waiting for more.
+        (The fake writes a line each time the test advances its clock.)
         """
-        proxy = LiveProxy(self, token_delay=0.1)
-        response = await http_client(self).post(
+        clock = Clock()
+        proxy = LiveProxy(self, token_delay=1.0, fake_clock=clock)
+        pending = http_client(self).post(
             proxy.url + "/api/generate",
             json={"model": "llama3.2", "prompt": "hi", "options": {"num_predict": 4}},
             unbuffered=True,
         )
-        arrivals: list[tuple[float, bytes]] = []
-        await treq.collect(response, lambda data: arrivals.append((time.monotonic(), data)))
-        lines = b"".join(data for _, data in arrivals).splitlines()
-        self.assertEqual(len(lines), 4)
-        first, last = arrivals[0][0], arrivals[-1][0]
-        self.assertGreater(last - first, 0.2, "lines arrived in one burst")
+        await eventually(lambda: len(proxy.fake.received) == 1)
+        clock.advance(1)  # the first line, and the headers with it
+        response = await within(pending)
+        chunks: list[bytes] = []
+        done = treq.collect(response, chunks.append)
+        for written in range(1, 5):
+            if written > 1:
+                clock.advance(1)
+            await eventually(lambda: b"".join(chunks).count(b"\n") == written)
+        await within(done)
+        lines = [json.loads(line) for line in b"".join(chunks).splitlines()]
+        self.assertEqual([line["done"] for line in lines], [False, False, False, True])
+        await eventually(lambda: proxy.rows())
         [row] = proxy.rows()
-        self.assertEqual(row["output_tokens"], "4")
-        self.assertEqual(row["stream_mode"], "true")
-
-    async def test_client_disconnect_closes_the_upstream_connection(self) -> None:
-        """
-        When the client goes away mid-stream, the proxy closes its upstream
-        connection at once (Ollama then stops generating); the row says so.
-        """
-        proxy = LiveProxy(self, token_delay=0.05)
-        upstream_gone = proxy.fake.when_disconnected()
-        response = await http_client(self).post(
-            proxy.url + "/api/chat",
-            json={"model": "llama3.2", "messages": [{"role": "user", "content": "go"}], "options": {"num_predict": 1000}},
-            unbuffered=True,
-        )
-        got_data: Deferred[None] = Deferred()
-        response.deliverBody(_FirstChunkThenHangUp(got_data))
-        await got_data
-        started = time.monotonic()
-        await upstream_gone
-        self.assertLess(time.monotonic() - started, 1.0)
-        await deferLater(reactor, 0.05, lambda: None)
-        [row] = proxy.rows()
-        self.assertEqual(row["http_status"], "200")
-        self.assertRegex(row["error_message"], r"client disconnected after \d+ bytes")
-
-    async def test_upstream_reset_mid_stream_cuts_the_client_response(self) -> None:
-        """
-        If Ollama's connection resets mid-stream, the client's chunked body
-        is not terminated, so the client can tell it was cut.
-        """
-        proxy = LiveProxy(self, token_delay=0.01)
-        proxy.fake.inject(Fault.RESET_MIDSTREAM, after_chunks=2)
-        response = await http_client(self).post(
-            proxy.url + "/api/generate", json={"model": "llama3.2", "prompt": "x"}, unbuffered=True
-        )
-        with self.assertRaises(ResponseFailed):
-            await treq.content(response)
-        await deferLater(reactor, 0.05, lambda: None)
-        [row] = proxy.rows()
-        self.assertIn("upstream connection lost", row["error_message"])
-
-
-class _FirstChunkThenHangUp:
-    def __init__(self, got_data: Deferred[None]) -> None:
-        self._got_data = got_data
-
-    def makeConnection(self, transport) -> None:
-        self.transport = transport
-
-    def dataReceived(self, data: bytes) -> None:
-        if not self._got_data.called:
-            self.transport.stopProducing()
-            self._got_data.callback(None)
-
-    def connectionLost(self, reason) -> None:
-        pass
-
-
-class UnreachableUpstreamTests(TestCase):
-    async def test_refused_connection_gives_502_naming_the_upstream(self) -> None:
-        """
-        Nothing listening upstream: 502 with an Ollama-shaped error saying
-        where; /v1 routes get the OpenAI shape.
-        """
-        proxy = LiveProxy(self, args=["--ollama-url", f"http://127.0.0.1:{free_port()}"])
-        http = http_client(self)
-        native = await http.get(proxy.url + "/api/tags")
-        self.assertEqual(native.code, 502)
-        error = (await native.json())["error"]
-        self.assertIn("unreachable: connection refused", error)
-        self.assertIn("127.0.0.1", error)
-        openai = await http.post(proxy.url + "/v1/chat/completions", json={"model": "m", "messages": []})
-        self.assertEqual(openai.code, 502)
-        body = await openai.json()
-        self.assertEqual(body["error"]["type"], "api_error")
-        self.assertEqual([row["http_status"] for row in proxy.rows()], ["502", "502"])
+        self.assertEqual((row["output_tokens"], row["stream_mode"]), ("4", "true"))
 
 
 class OfficialClientTests(TestCase):
@@ -197,6 +125,20 @@ class OfficialClientTests(TestCase):
         self.assertEqual(error.error, "model 'nope' not found")
         self.assertEqual(proxy.rows()[0]["error_message"], "model 'nope' not found")
 
+        port = refused_port(self)
+        dead = LiveProxy(self, args=["--ollama-url", f"http://127.0.0.1:{port}"])
+
+        def dead_upstream() -> Exception:
+            try:
+                ollama.Client(host=dead.url).list()
+            except ollama.ResponseError as e:
+                return e
+            raise AssertionError("no error")
+
+        error = await in_reactor_thread(dead_upstream)
+        self.assertEqual(error.status_code, 502)
+        self.assertIn(f"127.0.0.1:{port} unreachable: connection refused", error.error)
+
     async def test_openai_client_through_the_proxy(self) -> None:
         """
         The openai client works through the proxy: chat completions streamed
@@ -260,29 +202,23 @@ class StreamedUploadTests(TestCase):
 
     async def test_chunked_upload_streams_through(self) -> None:
         """
-        A chunked request body (no Content-Length) reaches Ollama whole.
+        A chunked request body (no Content-Length) is on its way upstream
+        before it is complete, and reaches Ollama whole.
         """
         proxy = LiveProxy(self)
         pieces = [b'{"model": "llama3.2", ', b'"prompt": "hi", ', b'"stream": false}']
-        with socket.create_connection(("127.0.0.1", proxy.port)) as raw:
-            raw.setblocking(False)
-            head = b"POST /api/generate HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
-            raw.sendall(head)
-            for piece in pieces:
-                raw.sendall(b"%x\r\n%s\r\n" % (len(piece), piece))
-                await deferLater(reactor, 0.01, lambda: None)
-            raw.sendall(b"0\r\n\r\n")
-            reply = b""
-            for _ in range(200):
-                await deferLater(reactor, 0.01, lambda: None)
-                try:
-                    data = raw.recv(65536)
-                except BlockingIOError:
-                    continue
-                if not data:
-                    break
-                reply += data
-        self.assertTrue(reply.startswith(b"HTTP/1.1 200 OK"), reply[:100])
+        client = await connect(self, proxy.port)
+        client.send(
+            b"POST /api/generate HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+            + chunk(pieces[0])
+        )
+        await eventually(lambda: len(proxy.service.forwarder.active) == 1)
+        for piece in pieces[1:]:
+            client.send(chunk(piece))
+        client.send(b"0\r\n\r\n")
+        await client.when_closed()
+        [response] = client.responses
+        self.assertEqual(response.status, 200, client.received[:100])
         self.assertEqual(proxy.fake.received[0].body, b"".join(pieces))
         [row] = proxy.rows()
         self.assertEqual((row["model"], row["request_size_bytes"]), ("llama3.2", str(len(b"".join(pieces)))))
@@ -305,20 +241,15 @@ class PoolingTests(TestCase):
         self.assertEqual(len(proxy.fake.received), 5)
 
 
-def _raw_headers(port: int, request: bytes) -> list[bytes]:
+async def _raw_headers(test: TestCase, port: int, request: bytes) -> list[bytes]:
     """
-    The status line and header lines of the answer to C{request}, read with
-    a plain socket (blocking: call it off the reactor thread).
+    The status line and header lines of the answer to C{request} (which
+    asks the server to close the connection), as they came on the wire.
     """
-    with socket.create_connection(("127.0.0.1", port), timeout=5) as raw:
-        raw.sendall(request)
-        data = b""
-        while b"\r\n\r\n" not in data:
-            piece = raw.recv(65536)
-            if not piece:
-                break
-            data += piece
-    head = data.split(b"\r\n\r\n", 1)[0].split(b"\r\n")
+    client = await connect(test, port)
+    client.send(request)
+    await client.when_closed()
+    head = client.received.split(b"\r\n\r\n", 1)[0].split(b"\r\n")
     return [line for line in head if not line.lower().startswith((b"date:", b"x-request-id:"))]
 
 
@@ -337,6 +268,6 @@ class FramingTests(TestCase):
             b"POST /api/generate HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: %d\r\n\r\n%s"
             % (len(body), body),
         ):
-            direct = await in_reactor_thread(_raw_headers, fake, request)
-            proxied = await in_reactor_thread(_raw_headers, proxy.port, request)
+            direct = await _raw_headers(self, fake, request)
+            proxied = await _raw_headers(self, proxy.port, request)
             self.assertEqual(sorted(proxied), sorted(direct), request)

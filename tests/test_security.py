@@ -15,8 +15,8 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from ollamaproxy.auth import ApiKeys, KeyFileError, parse_key, read_keys_file
 from ollamaproxy.record import COLUMNS
 
-from .rawhttp import captured_log, connect, csv_rows, eventually
-from .support import InMemoryProxy, LiveProxy, http_client, in_reactor_thread
+from .rawhttp import captured_log, connect
+from .support import InMemoryProxy, LiveProxy, csv_rows, eventually, http_client, in_reactor_thread
 
 KESTREL, OSPREY = "kestrel", "osprey"
 KESTREL_SECRET, OSPREY_SECRET = "sk-kestrel-4f9a1c77e2", "sk-osprey-b03d58e6aa"

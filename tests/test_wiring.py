@@ -12,7 +12,7 @@ import treq
 from treq.testing import StubTreq
 from twisted.internet import reactor
 from twisted.internet.error import TimeoutError
-from twisted.internet.task import Clock, deferLater
+from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
@@ -24,7 +24,7 @@ from ollamaproxy.service import ProxyService
 from ollamaproxy.tap import Options
 from ollamaproxy.upstream import Upstream, upstream_agent
 
-from .support import LiveProxy, Records, http_client
+from .support import LiveProxy, Records, eventually, http_client
 
 
 def settings(*args: str) -> dict:
@@ -109,11 +109,12 @@ class DrainingReadinessTests(TestCase):
         # in memory (its upstream probe still runs on the real reactor).
         client = StubTreq(proxy.service.root)
         pending = client.get("http://proxy/health/ready")
-        for _ in range(500):
+
+        def answered() -> bool:
             client.flush()
-            if pending.called:
-                break
-            await deferLater(reactor, 0.01, lambda: None)
+            return pending.called
+
+        await eventually(answered)
         during = await pending
         self.assertEqual(during.code, 503)
         self.assertIn("shutting down", (await during.json())["reasons"])
