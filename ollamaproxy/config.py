@@ -40,7 +40,6 @@ class Setting:
     parse: Callable[[str], Any]
     help: str
     env: str = ""
-    flag: bool = False
     repeatable: bool = False
 
     @property

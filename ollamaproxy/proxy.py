@@ -608,7 +608,8 @@ class Exchange:
             if fields is not None and self._body.complete:
                 fields.close()
                 if fields.complete:
-                    self._apply_facts(facts_for(self._path, fields_of(fields.fields)))
+                    # Already keyed by the wanted names, matched as Go matches them.
+                    self._apply_facts(facts_for(self._path, fields.fields))
         if record.http_status is not None and record.http_status >= 400 and not record.error_message:
             record.fail(f"upstream answered HTTP {record.http_status}")
         record.system_load_cpu, record.system_load_memory = forwarder.host_load()

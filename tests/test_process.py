@@ -49,6 +49,21 @@ def _require_loopback() -> None:
         raise SkipTest(f"cannot bind to {HOST}: {e}") from None
 
 
+def _taken_port(test: SynchronousTestCase) -> int:
+    """
+    A loopback port another socket listens on until the test ends, so
+    that the proxy cannot bind it.
+    """
+    held = socket.socket()
+    test.addCleanup(held.close)
+    try:
+        held.bind((HOST, 0))
+    except OSError as e:
+        raise SkipTest(f"cannot bind to {HOST}: {e}") from None
+    held.listen()
+    return int(held.getsockname()[1])
+
+
 def _eventually(condition: Callable[[], object], what: str) -> None:
     support.eventually_blocking(condition, what, PATIENCE)
 
@@ -327,16 +342,10 @@ class StartUpTests(SynchronousTestCase):
         127.0.0.1 by the test, so the bind then fails and nothing is ever
         reachable from the network.)
         """
-        with socket.socket() as held:
-            try:
-                held.bind((HOST, 0))
-            except OSError as e:
-                raise SkipTest(f"cannot bind to {HOST}: {e}") from None
-            held.listen()
-            port = str(held.getsockname()[1])
-            common = ["--host", "0.0.0.0", "--port", port, "--log-path", os.path.join(self.directory, "logs")]
-            without_keys = self.start(common)
-            with_keys = self.start([*common, "--api-key", "alice:a-long-secret"])
+        port = str(_taken_port(self))
+        common = ["--host", "0.0.0.0", "--port", port, "--log-path", os.path.join(self.directory, "logs")]
+        without_keys = self.start(common)
+        with_keys = self.start([*common, "--api-key", "alice:a-long-secret"])
         self.assertIn("WARNING", without_keys)
         self.assertIn("reachable from the network WITHOUT authentication", without_keys)
         self.assertIn("reachable from the network", with_keys)
@@ -350,21 +359,15 @@ class StartUpTests(SynchronousTestCase):
         When the port is taken the process logs why and exits with status 1
         instead of running on, listening on nothing.
         """
-        with socket.socket() as held:
-            try:
-                held.bind((HOST, 0))
-            except OSError as e:
-                raise SkipTest(f"cannot bind to {HOST}: {e}") from None
-            held.listen()
-            port = held.getsockname()[1]
-            proxy = Child(self, "proxy", _twist(
-                "--listen", f"tcp:{port}:interface={HOST}",
-                "--log-path", os.path.join(self.directory, "logs"),
-            ), self.directory)
-            try:
-                proxy.process.wait(PATIENCE)
-            except subprocess.TimeoutExpired:
-                self.fail(f"still running after it could not listen: {proxy.text()[-2000:]}")
+        port = _taken_port(self)
+        proxy = Child(self, "proxy", _twist(
+            "--listen", f"tcp:{port}:interface={HOST}",
+            "--log-path", os.path.join(self.directory, "logs"),
+        ), self.directory)
+        try:
+            proxy.process.wait(PATIENCE)
+        except subprocess.TimeoutExpired:
+            self.fail(f"still running after it could not listen: {proxy.text()[-2000:]}")
         self.assertIn(f"Cannot listen on tcp:{port}:interface={HOST}", proxy.text())
         self.assertEqual(proxy.process.returncode, 1)
 
